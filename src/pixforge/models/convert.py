@@ -158,7 +158,7 @@ def pixforge_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             out[key] = value
             continue
         prefix, rest = match.groups()
-        module, leaf = rest.rsplit(".", 1)
+        module, _, leaf = rest.rpartition(".")
         if module in _FUSED:
             parts = _FUSED[module]
             for name, chunk in zip(parts, value.chunk(len(parts), dim=0)):
@@ -489,7 +489,7 @@ def diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             out[renamed] = value
             continue
         index, rest = re.match(r"transformer_blocks\.(\d+)\.(.+)$", key).groups()
-        module, leaf = rest.rsplit(".", 1)
+        module, _, leaf = rest.rpartition(".")
         if module in ("attn1.to_q", "attn1.to_k", "attn1.to_v"):
             fused.setdefault(f"blocks.{index}.attn.qkv.{leaf}", {})[module] = value
         elif module in ("attn2.to_k", "attn2.to_v"):
