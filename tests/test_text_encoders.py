@@ -196,8 +196,24 @@ def test_minilm_forward_matches_transformers_bert_model(minilm, transformers_min
     with torch.no_grad():
         expected = hf_model(**ref_inputs).last_hidden_state
     assert out.embeds.shape == (4, 16, 384) and out.hidden_size == 384 and out.name == "minilm"
-    # Every position, padding included: padded queries attend to real keys in both.
-    assert (out.embeds - expected).abs().max().item() <= 1e-5
+    real = out.mask.bool()
+    assert (out.embeds - expected)[real].abs().max().item() <= 1e-5
+    # Padded positions are ill-conditioned in float32 (both models sit ~1e-4 from their float64
+    # result there at batch 32), so they get a looser bound here and an exact check in float64.
+    assert (out.embeds - expected)[~real].abs().max().item() <= 1e-3
+
+
+def test_minilm_forward_equals_bert_model_at_every_position_in_float64(minilm, transformers_minilm):
+    hf_tokenizer, hf_model = transformers_minilm
+    ours = MiniLMTextEncoder(copy.deepcopy(minilm.module), minilm.tokenizer, default_max_length=24)
+    ours.to(dtype=torch.float64)
+    reference = copy.deepcopy(hf_model).double()
+    out = ours.encode(MINILM_PROMPTS)
+    inputs = hf_tokenizer(MINILM_PROMPTS, padding="max_length", truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(**inputs).last_hidden_state
+    assert out.mask.sum().item() < out.mask.numel()  # some padding is compared
+    assert (out.embeds - expected).abs().max().item() <= 1e-10
 
 
 def test_sentence_embedding_ranks_a_paraphrase_above_a_different_scene(minilm):
