@@ -1,0 +1,60 @@
+"""`pixforge info` and `pixforge convert` (in-process through typer's runner)."""
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pixforge.cli import app
+from pixforge.errors import PixforgeError
+from pixforge.models.convert import diffusers_to_original, pixforge_to_diffusers
+from pixforge.models.presets import get_preset
+from pixforge.models.transformer import PixArtTransformer
+
+runner = CliRunner()
+
+
+def test_info_prints_parameters_and_flops_of_a_preset():
+    result = runner.invoke(app, ["info", "XL/2", "--size", "256x256"])
+    assert result.exit_code == 0, result.output
+    assert "parameters: 610,856,096" in result.output
+    assert "tokens at 256x256: 256" in result.output
+
+
+def test_info_rejects_a_malformed_size():
+    result = runner.invoke(app, ["info", "tiny", "--size", "big"])
+    assert isinstance(result.exception, PixforgeError)
+    assert "WIDTHxHEIGHT" in str(result.exception)
+
+
+def test_convert_original_pth_to_a_folder_diffusers_loads(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = PixArtTransformer(get_preset("tiny")).eval()
+    state = diffusers_to_original(pixforge_to_diffusers(model.state_dict()))
+    torch.save({"state_dict": state}, tmp_path / "orig.pth")
+    result = runner.invoke(app, ["convert", str(tmp_path / "orig.pth"), str(tmp_path / "out"), "--config", "tiny"])
+    assert result.exit_code == 0, result.output
+    reference = diffusers.PixArtTransformer2DModel.from_pretrained(tmp_path / "out")
+    assert sum(p.numel() for p in reference.parameters()) == model.num_parameters()
+    assert torch.equal(reference.state_dict()["transformer_blocks.0.attn1.to_k.weight"], state["blocks.0.attn.qkv.weight"][48:96])
+
+
+def test_convert_to_a_bf16_single_file(tmp_path):
+    PixArtTransformer(get_preset("tiny")).save_pretrained(tmp_path / "t")
+    result = runner.invoke(app, ["convert", str(tmp_path / "t"), str(tmp_path / "m.safetensors"), "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as handle:
+        assert handle.get_tensor("proj_out.weight").dtype == torch.bfloat16
+    loaded = PixArtTransformer.from_pretrained(tmp_path / "m.safetensors", torch_dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and loaded.config == get_preset("tiny")
+
+
+def test_precision_names_are_validated_and_auto_resolves_to_a_real_dtype(tmp_path, monkeypatch):
+    from pixforge.models import precision
+
+    monkeypatch.setenv("PIXFORGE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(PixforgeError, match="unknown precision"):
+        precision.resolve_dtype("fp8")
+    assert precision.resolve_dtype("auto") in (torch.float32, torch.bfloat16)
+    assert (tmp_path / "precision.json").exists()  # measured once, then cached
