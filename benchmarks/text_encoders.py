@@ -67,9 +67,9 @@ def import_profile() -> tuple[float, list[str]]:
         rows.append((int(cumulative), name.rstrip()[1:]))  # nesting shows as extra leading spaces
     names = {name.strip() for _, name in rows}
     assert not any(n.split(".")[0] in ("transformers", "diffusers", "sentence_transformers") for n in names), names
-    top = sorted((r for r in rows if not r[1].startswith(" ")), reverse=True)[:5]
     total = sum(c for c, name in rows if not name.startswith(" "))
-    return total / 1e6, [f"{name} {c / 1e6:.2f} s" for c, name in top]
+    shallow = sorted((r for r in rows if not r[1].startswith("   ")), reverse=True)[:4]  # depth 0 and 1
+    return total / 1e6, [f"{name.strip()} {c / 1e6:.2f} s" for c, name in shallow]
 
 
 def main() -> None:
