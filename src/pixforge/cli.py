@@ -95,6 +95,103 @@ def convert_command(
     typer.echo(f"wrote {destination} ({model.num_parameters():,} parameters, {dtype})")
 
 
+@app.command("eval")
+def eval_command(
+    images: str = typer.Option(None, "--images", help="Folder of images with metadata.jsonl (file_name, text[, scene])."),
+    model: str = typer.Option(None, "--model", help="Model folder to generate with (needs --prompts)."),
+    prompts: str = typer.Option(None, "--prompts", help="Prompt file, one JSON per line (GenEval layout or {'prompt': ...})."),
+    out: str = typer.Option(None, "--out", help="Write the full report (per category and per image) as JSON here."),
+    plot: str = typer.Option(None, "--plot", help="Save a bar chart of per-category accuracy (PNG) here."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first prompt's image; prompt i uses seed + i."),
+    size: str = typer.Option("128x128", "--size", help="Generation size WxH for prompts that do not name one."),
+    save_images: str = typer.Option(None, "--save-images", help="Keep generated images (+ metadata.jsonl) here."),
+    limit: int = typer.Option(None, "--limit", help="Score only the first N records."),
+) -> None:
+    """Compositional accuracy in the shapes world, per category (GenEval-style checker).
+
+    Examples:
+
+      pixforge shapes export --split test --n 600 data/shapes-test
+
+      pixforge eval --images data/shapes-test --out results.json --plot results.png
+
+      pixforge eval --model out/model --prompts data/shapes-test/prompts_geneval.jsonl
+    """
+    import json
+
+    from pixforge.errors import PixforgeError
+    from pixforge.eval.report import format_table, generate_and_score, save_plot, score_folder
+
+    if (images is None) == (model is None):
+        raise PixforgeError("give exactly one of --images DIR or --model DIR (with --prompts FILE)")
+    if images is not None:
+        results = score_folder(images, limit=limit)
+    else:
+        if prompts is None:
+            raise PixforgeError("--model needs --prompts FILE (e.g. from `pixforge shapes export`)")
+        width, height = parse_size(size)
+        results = generate_and_score(model, prompts, seed=seed, height=height, width=width,
+                                     save_images=save_images, limit=limit)
+    typer.echo(format_table(results))
+    if out:
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1))
+        typer.echo(f"wrote {out}")
+    if plot:
+        typer.echo(f"wrote {save_plot(results, plot)}")
+
+
+shapes_app = typer.Typer(help="The shapes world: export images, captions and GenEval prompt files.",
+                         no_args_is_help=True)
+app.add_typer(shapes_app, name="shapes")
+
+
+@shapes_app.command("export")
+def shapes_export_command(
+    out_dir: str = typer.Argument(..., help="Output folder: PNGs, metadata.jsonl, prompts_geneval.jsonl."),
+    split: str = typer.Option("test", "--split", help="train | validation | test."),
+    n: int = typer.Option(600, "--n", help="Number of samples."),
+    start: int = typer.Option(0, "--start", help="Index of the first sample within the split."),
+    sizes: str = typer.Option("128x128", "--sizes", help="Canvas sizes WxH, comma-separated; one is drawn per sample."),
+    paraphrase: bool = typer.Option(False, "--paraphrase", help="Paraphrased captions instead of the canonical grammar."),
+    background_prob: float = typer.Option(0.0, "--background-prob", help="Chance a non-background caption names a background."),
+    holdout: str = typer.Option("", "--holdout", help="colour:shape pairs never in train, comma-separated (purple:triangle)."),
+    seed: int = typer.Option(0, "--seed", help="World seed (another value gives another fixed dataset)."),
+    prompts_only: bool = typer.Option(False, "--prompts-only", help="Write only OUT_DIR/prompts_geneval.jsonl."),
+) -> None:
+    """Export a split of the shapes world (Hugging Face imagefolder layout + GenEval prompts).
+
+    Examples:
+
+      pixforge shapes export data/shapes-test --split test --n 600
+
+      pixforge shapes export data/train --split train --n 50000 --sizes 128x128,144x112,112x144 --holdout purple:triangle
+    """
+    from pathlib import Path
+
+    from pixforge.errors import PixforgeError
+    from pixforge.shapes.export import PROMPTS, export_split, write_geneval_prompts
+    from pixforge.shapes.world import WorldConfig
+
+    pairs = []
+    for item in filter(None, (p.strip() for p in holdout.split(","))):
+        if item.count(":") != 1:
+            raise PixforgeError(f"--holdout item {item!r} is not colour:shape, e.g. purple:triangle")
+        pairs.append(tuple(item.split(":")))
+    config = WorldConfig(
+        canvas_sizes=tuple(parse_size(s) for s in sizes.split(",")), paraphrase=paraphrase,
+        background_prob=background_prob, holdout=tuple(pairs), seed=seed,
+    )
+    if prompts_only:
+        path = write_geneval_prompts(Path(out_dir) / PROMPTS, split, n, config, start=start)
+        typer.echo(f"wrote {n} prompts to {path}")
+    else:
+        path = export_split(out_dir, split, n, config, start=start)
+        typer.echo(f"wrote {n} {split} samples to {path}")
+
+
 def main() -> None:
     from pixforge.errors import PixforgeError
 
