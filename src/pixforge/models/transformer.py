@@ -245,7 +245,8 @@ class FeedForward(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift in one pass over x (shift/scale are (B, 1, D))."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class PixArtBlock(nn.Module):
@@ -270,9 +271,9 @@ class PixArtBlock(nn.Module):
         batch, _, dim = x.shape
         mod = self.scale_shift_table[None] + t_mod.reshape(batch, 6, dim)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, D) each
-        x = x + gate_msa * self.attn1(modulate(self.norm(x), shift_msa, scale_msa), grid_hw)
+        x = torch.addcmul(x, gate_msa, self.attn1(modulate(self.norm(x), shift_msa, scale_msa), grid_hw))
         x = x + self.attn2(x, text_k, text_v, text_bias)  # PixArt: no norm, no gate here
-        x = x + gate_mlp * self.ff(modulate(self.norm(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_mlp, self.ff(modulate(self.norm(x), shift_mlp, scale_mlp)))
         return x
 
 
@@ -420,6 +421,9 @@ class PixArtTransformer(nn.Module):
             raise PixforgeError(f"latent size {height}x{width} is not divisible by the patch size {patch}")
         tokens = self.pos_embed.proj(latents.to(self.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
         grid = (height // patch, width // patch)
+        # The transpose leaves a (B, D, N) memory layout; every later elementwise op would keep
+        # it and every Linear / LayerNorm would copy it back. One copy here saves all of those.
+        tokens = tokens.contiguous()
         return tokens + self.positional_embedding(*grid, tokens.device, tokens.dtype), grid
 
     def unpatchify(self, x: torch.Tensor, t_emb: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
