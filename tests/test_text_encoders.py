@@ -59,7 +59,8 @@ def test_t5_encode_equals_diffusers_pixart_encode_prompt(tiny_t5, pipeline_name)
 
 
 def test_t5_counts_the_tokens_truncation_drops(tiny_t5):
-    encoder = T5TextEncoder(*reversed(tiny_t5))
+    tokenizer, model = tiny_t5
+    encoder = T5TextEncoder(model, tokenizer)
     # PROMPTS[2] is 18 whole-word pieces + </s> = 19 tokens; 10 are kept (with </s> last).
     assert len(encoder.tokenizer(PROMPTS[2]).input_ids) == 19
     out = encoder.encode(PROMPTS, max_length=10)
