@@ -1,6 +1,6 @@
 """Text encoders: start-up, load and encode time, ours vs transformers (MiniLM).
 
-    python benchmarks/text_encoders.py [--repeats 5] [--max-length 32]
+    python benchmarks/text_encoders.py [--repeats 5] [--max-length 32] [--threads 2]
 
 Prints a markdown table: median of N with (min–max), and the ratio baseline / ours.
 - import: a new process running `from pixforge.models.text import MiniLMTextEncoder`
@@ -42,9 +42,19 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def run_process(code: str) -> float:
+def timed_pair(base_fn, ours_fn, repeats: int) -> tuple[list[float], list[float]]:
+    """Alternate baseline and ours so both see the same background load."""
+    base, ours = [], []
+    for _ in range(repeats):
+        base += timed(base_fn, 1)
+        ours += timed(ours_fn, 1)
+    return base, ours
+
+
+def run_process(code: str, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
     return time.perf_counter() - start
 
 
@@ -76,9 +86,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in the new processes")
     args = parser.parse_args()
 
     import torch
+
+    torch.set_num_threads(args.threads)
 
     from pixforge.models.text import MiniLMTextEncoder, minilm_folder
 
@@ -91,13 +104,17 @@ def main() -> None:
                 cpu = line.split(":", 1)[1].strip()
                 break
     print(f"# {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, max_length {length}, median of {n}")
+    # Other processes on a 2-core machine make every multi-threaded op wait for a core; say so.
+    print(f"# load average at start: {os.getloadavg()[0]:.2f}")
 
     total, top = import_profile()
     print(f"# -X importtime, `from pixforge.models.text import MiniLMTextEncoder`: {total:.2f} s; top: {', '.join(top)}")
 
+    threads = args.threads
     rows = []
-    ours_import = [run_process("from pixforge.models.text import MiniLMTextEncoder") for _ in range(n)]
-    base_import = [run_process("from transformers import AutoModel, AutoTokenizer") for _ in range(n)]
+    base_import, ours_import = timed_pair(
+        lambda: run_process("from transformers import AutoModel, AutoTokenizer", threads),
+        lambda: run_process("from pixforge.models.text import MiniLMTextEncoder", threads), n)
     rows.append(("import (new process)", base_import, ours_import))
 
     from transformers import AutoModel, AutoTokenizer
@@ -105,7 +122,7 @@ def main() -> None:
     def load_base():
         return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
 
-    rows.append(("load", timed(load_base, n), timed(lambda: MiniLMTextEncoder.from_package(length), n)))
+    rows.append(("load", *timed_pair(load_base, lambda: MiniLMTextEncoder.from_package(length), n)))
 
     ours = MiniLMTextEncoder.from_package(length)
     tokenizer, model = load_base()
@@ -122,7 +139,7 @@ def main() -> None:
         diff = (encode_base(prompts) - mine.embeds)[mine.mask.bool()].abs().max().item()
         assert diff <= 1e-5, diff  # real tokens (padding is fp32-ill-conditioned; see tests)
         rows.append((f"encode {count} prompt{'s' if count > 1 else ''}",
-                     timed(lambda: encode_base(prompts), n), timed(lambda: ours.encode(prompts), n)))
+                     *timed_pair(lambda: encode_base(prompts), lambda: ours.encode(prompts), n)))
 
     ours_cli = (
         "from pixforge.models.text import MiniLMTextEncoder\n"
@@ -134,8 +151,9 @@ def main() -> None:
         f"m(**t(['a red circle'], padding='max_length', max_length={length}, return_tensors='pt'))"
     )
     rows.append(("new process: import + load + encode 1",
-                 [run_process(base_cli) for _ in range(n)], [run_process(ours_cli) for _ in range(n)]))
+                 *timed_pair(lambda: run_process(base_cli, threads), lambda: run_process(ours_cli, threads), n)))
 
+    print(f"# load average at end: {os.getloadavg()[0]:.2f}")
     print("\n| step | transformers ms | pixforge ms | ratio |")
     print("|---|---|---|---|")
     for name, base, mine in rows:

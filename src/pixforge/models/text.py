@@ -281,18 +281,27 @@ class BertConfig:
         )
 
 
+def _embedding_table(rows: int, dim: int) -> nn.Parameter:
+    # Not nn.Embedding: its normal_ init on the meta device (used when loading) imports
+    # torch._dynamo, seconds of start-up.
+    weight = torch.empty(rows, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Parameter(weight)
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.word = _embedding_table(config.vocab_size, config.hidden_size)
+        self.position = _embedding_table(config.max_position_embeddings, config.hidden_size)
+        self.token_type = _embedding_table(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
         # Single-segment input: every token type is 0.
-        x = self.word(input_ids) + self.position(positions) + self.token_type.weight[0]  # (B, L, D)
+        x = F.embedding(input_ids, self.word) + self.token_type[0] + F.embedding(positions, self.position)  # (B, L, D)
         return self.norm(x)
 
 
@@ -346,9 +355,9 @@ def convert_bert_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     try:
         out = {
-            "embeddings.word.weight": sd["embeddings.word_embeddings.weight"],
-            "embeddings.position.weight": sd["embeddings.position_embeddings.weight"],
-            "embeddings.token_type.weight": sd["embeddings.token_type_embeddings.weight"],
+            "embeddings.word": sd["embeddings.word_embeddings.weight"],
+            "embeddings.position": sd["embeddings.position_embeddings.weight"],
+            "embeddings.token_type": sd["embeddings.token_type_embeddings.weight"],
             "embeddings.norm.weight": sd["embeddings.LayerNorm.weight"],
             "embeddings.norm.bias": sd["embeddings.LayerNorm.bias"],
         }
