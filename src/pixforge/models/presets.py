@@ -202,6 +202,25 @@ PRESETS: dict[str, TransformerConfig] = {
     ),
 }
 
+
+
+def _shapes(hidden: int, depth: int, heads: int) -> TransformerConfig:
+    """PixArt-α layout for the shapes world: 128² images (16² latents), 384-d MiniLM captions."""
+    return TransformerConfig(
+        num_attention_heads=heads, attention_head_dim=hidden // heads, num_layers=depth,
+        cross_attention_dim=hidden, caption_channels=384, sample_size=16, patch_size=2,
+        in_channels=4, out_channels=8, use_additional_conditions=False,
+    )
+
+
+# Sizes for the embedded default model and its tests (MiniLM text encoder).
+PRESETS.update({
+    "shapes-tiny": _shapes(48, 2, 2),
+    "shapes-4m": _shapes(192, 6, 3),
+    "shapes-10m": _shapes(256, 10, 4),
+    "shapes-25m": _shapes(384, 12, 6),
+})
+
 # Hugging Face repository names of the published checkpoints, as aliases.
 PRESET_ALIASES = {
     "PixArt-XL-2-256x256": "pixart-alpha-256",

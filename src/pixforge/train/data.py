@@ -1,0 +1,268 @@
+"""Training data: the shapes world or an imagefolder, aspect buckets, and a feature cache.
+
+Every batch holds images of one size (a bucket). The order of batches is a pure function
+of (seed, epoch), so a resumed run sees exactly the batches it would have seen, and a
+global batch is split across ranks in a fixed way, so N processes train on the same
+global batches as one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pixforge.errors import PixforgeError
+
+logger = logging.getLogger(__name__)
+
+# Height/width ratios of PixArt's aspect-ratio bins, thinned to the range used at small sizes.
+BUCKET_RATIOS = (0.5, 0.6, 0.78, 1.0, 1.29, 1.67, 2.0)
+
+
+def bucket_sizes(resolution: int, multiple: int = 16, ratios=BUCKET_RATIOS) -> list[tuple[int, int]]:
+    """(width, height) pairs of about resolution² pixels, sides multiples of `multiple`."""
+    area = resolution * resolution
+    sizes = []
+    for ratio in ratios:  # ratio = height / width
+        width = max(multiple, int(round(math.sqrt(area / ratio) / multiple)) * multiple)
+        height = max(multiple, int(round(math.sqrt(area * ratio) / multiple)) * multiple)
+        if (width, height) not in sizes:
+            sizes.append((width, height))
+    return sizes
+
+
+def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> int:
+    ratio = math.log(height / width)
+    return min(range(len(sizes)), key=lambda i: abs(math.log(sizes[i][1] / sizes[i][0]) - ratio))
+
+
+def to_tensor(image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def resize_cover_crop(image, width: int, height: int):
+    """Bicubic resize to cover (width, height), then centre crop (PixArt's multi-scale recipe)."""
+    from PIL import Image
+
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+class ShapesDataset:
+    """`num_samples` samples of the shapes world's split; sample i has a fixed bucket and caption."""
+
+    def __init__(self, num_samples: int, sizes: list[tuple[int, int]], split: str = "train",
+                 paraphrase: float = 0.0, seed: int = 0):
+        from pixforge.shapes.world import WorldConfig
+
+        self.num_samples, self.sizes, self.split = num_samples, sizes, split
+        self.paraphrase, self.seed = paraphrase, seed
+        self.worlds = {
+            (size, para): WorldConfig(canvas_sizes=(size,), paraphrase=para, seed=seed)
+            for size in sizes for para in (False, True)
+        }
+        self.buckets = [i % len(sizes) for i in range(num_samples)]
+        self.skipped = 0
+
+    def fingerprint(self) -> str:
+        return f"shapes:{self.split}:{self.num_samples}:{self.sizes}:{self.paraphrase}:{self.seed}"
+
+    def _is_paraphrased(self, index: int) -> bool:
+        # A fixed, well-mixed fraction of indices (golden-ratio sequence).
+        return (index * 0.6180339887498949) % 1.0 < self.paraphrase
+
+    def sample(self, index: int):
+        from pixforge.shapes.world import sample
+
+        world = self.worlds[(self.sizes[self.buckets[index]], self._is_paraphrased(index))]
+        return sample(index, self.split, world)
+
+    def caption(self, index: int) -> str:
+        return self.sample(index).caption
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        item = self.sample(index)
+        return to_tensor(item.image), item.caption
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ImageFolderDataset:
+    """A Hugging Face imagefolder: images + metadata.jsonl with `file_name` and `text`."""
+
+    def __init__(self, folder: str | Path, sizes: list[tuple[int, int]], buckets: bool = True):
+        from PIL import Image
+
+        self.folder, self.sizes = Path(folder), sizes
+        meta = self.folder / "metadata.jsonl"
+        if not meta.is_file():
+            raise PixforgeError(f"{meta} not found: an image folder needs metadata.jsonl with file_name and text")
+        self.records, self.buckets, self.skipped = [], [], 0
+        for line_number, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                path = self.folder / record["file_name"]
+                text = str(record["text"])
+                with Image.open(path) as image:
+                    width, height = image.size
+            except (json.JSONDecodeError, KeyError) as error:
+                raise PixforgeError(f"{meta}:{line_number} is not a valid record ({error})") from error
+            except (OSError, ValueError) as error:
+                logger.warning("skipping unreadable image %s (%s)", record.get("file_name"), error)
+                self.skipped += 1
+                continue
+            self.records.append((path, text))
+            self.buckets.append(nearest_bucket(width, height, sizes) if buckets else sizes.index(sizes[0]))
+        if not self.records:
+            raise PixforgeError(f"no readable images in {self.folder}")
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256((self.folder / "metadata.jsonl").read_bytes()).hexdigest()[:16]
+        return f"folder:{self.folder.resolve()}:{digest}:{self.sizes}"
+
+    def caption(self, index: int) -> str:
+        return self.records[index][1]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        from PIL import Image
+
+        width, height = self.sizes[self.buckets[index]]
+        for offset in range(len(self.records)):  # an image that fails to decode is replaced, counted
+            candidate = (index + offset) % len(self.records)
+            if self.buckets[candidate] != self.buckets[index]:
+                continue
+            path, text = self.records[candidate]
+            try:
+                with Image.open(path) as image:
+                    return to_tensor(resize_cover_crop(image.convert("RGB"), width, height)), text
+            except (OSError, ValueError) as error:
+                logger.warning("skipping corrupt image %s (%s)", path, error)
+                self.skipped += 1
+        raise PixforgeError(f"no decodable image left in bucket {width}x{height}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def build_dataset(data: str, resolution: int, buckets: bool, num_samples: int, paraphrase: float, seed: int):
+    sizes = bucket_sizes(resolution) if buckets else [(resolution, resolution)]
+    if data == "shapes":
+        return ShapesDataset(num_samples, sizes, paraphrase=paraphrase, seed=seed)
+    return ImageFolderDataset(data, sizes, buckets)
+
+
+@dataclass(frozen=True)
+class BucketBatches:
+    """Global batches of one bucket each, in an order fixed by (seed, epoch)."""
+
+    buckets: tuple[int, ...]
+    batch_size: int
+    seed: int
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        by_bucket: dict[int, list[int]] = {}
+        for index, bucket in enumerate(self.buckets):
+            by_bucket.setdefault(bucket, []).append(index)
+        batches = []
+        for bucket in sorted(by_bucket):
+            members = by_bucket[bucket]
+            order = torch.randperm(len(members), generator=generator).tolist()
+            shuffled = [members[i] for i in order]
+            # A short tail joins the next epoch's shuffle rather than forming a smaller batch.
+            for start in range(0, len(shuffled) - self.batch_size + 1, self.batch_size):
+                batches.append(shuffled[start:start + self.batch_size])
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in order]
+
+    def batches_per_epoch(self) -> int:
+        counts: dict[int, int] = {}
+        for bucket in self.buckets:
+            counts[bucket] = counts.get(bucket, 0) + 1
+        return sum(n // self.batch_size for n in counts.values())
+
+
+def shard(batch: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's contiguous share of a global batch."""
+    per_rank = len(batch) // world_size
+    return batch[rank * per_rank:(rank + 1) * per_rank]
+
+
+# ------------------------------------------------------------------------------------------
+# Feature cache: text embeddings per unique caption and VAE latents per sample, on disk,
+# keyed by the encoder / VAE weights and the dataset, so later runs skip the encoding.
+# ------------------------------------------------------------------------------------------
+def file_digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def cache_key(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cached_text_features(cache_dir: Path, key: str, captions: list[str], encode, max_tokens: int, batch: int = 256):
+    """-> (caption ids per sample (N,), embeds (U, L, D), mask (U, L)); computed once per key."""
+    from safetensors.torch import load_file
+
+    from pixforge.models.convert import atomic_save_safetensors
+
+    path = cache_dir / f"text-{key}.safetensors"
+    if path.exists():
+        data = load_file(path)
+        logger.info("text features from cache %s", path)
+        return data["ids"], data["embeds"], data["mask"], True
+    unique = sorted(set(captions))
+    position = {c: i for i, c in enumerate(unique)}
+    embeds, masks = [], []
+    for start in range(0, len(unique), batch):
+        out = encode(unique[start:start + batch], max_tokens)
+        embeds.append(out.embeds.to(torch.bfloat16))
+        masks.append(out.mask.to(torch.int8))
+    ids = torch.tensor([position[c] for c in captions], dtype=torch.int32)
+    data = {"ids": ids, "embeds": torch.cat(embeds), "mask": torch.cat(masks)}
+    atomic_save_safetensors(data, path)
+    return data["ids"], data["embeds"], data["mask"], False
+
+
+def cached_latents(cache_dir: Path, key: str, dataset, encode, batch: int = 64):
+    """-> dict sample index -> latent (C, h, w) in bf16, encoded once per key (posterior mode)."""
+    from safetensors.torch import load_file
+
+    from pixforge.models.convert import atomic_save_safetensors
+
+    path = cache_dir / f"latents-{key}.safetensors"
+    if path.exists():
+        data = load_file(path)
+        logger.info("latents from cache %s", path)
+        return data, True
+    data = {}
+    by_bucket: dict[int, list[int]] = {}
+    for index, bucket in enumerate(dataset.buckets):
+        by_bucket.setdefault(bucket, []).append(index)
+    for bucket, members in sorted(by_bucket.items()):
+        chunks = []
+        for start in range(0, len(members), batch):
+            images = torch.stack([dataset[i][0] for i in members[start:start + batch]])
+            chunks.append(encode(images).to(torch.bfloat16))
+        data[f"bucket{bucket}"] = torch.cat(chunks)
+        data[f"index{bucket}"] = torch.tensor(members, dtype=torch.int64)
+    atomic_save_safetensors(data, path)
+    return data, False

@@ -1,0 +1,489 @@
+"""`pixforge train`: one loop for the transformer and the VAE, from a 2-core CPU to many GPUs.
+
+The same command runs single-process, under `torchrun` or under `accelerate launch`
+(DDP: gloo on CPU, nccl on GPU). Re-running a command continues from its last
+checkpoint: model, EMA, optimizer, LR schedule, RNG states and data position are restored,
+so an interrupted run ends bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pixforge.errors import CheckpointError, PixforgeError
+from pixforge.train import checkpoint as ckpt
+from pixforge.train.config import TrainConfig, differing_fields
+from pixforge.train.data import BucketBatches, build_dataset, cache_key, file_digest, shard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]
+    output_dir: Path
+    stopped_early: bool
+
+
+# ------------------------------------------------------------------------------ objectives
+def ddpm_schedule(num_train_timesteps: int = 1000) -> dict[str, torch.Tensor]:
+    """PixArt's training schedule (float64 linear betas, as the official repo), with the
+    posterior terms the learned-variance VLB needs."""
+    betas = torch.linspace(1e-4, 0.02, num_train_timesteps, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
+    return {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+    }
+
+
+def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return values.to(t.device)[t].float().reshape(-1, *([1] * (ndim - 1)))
+
+
+def _approx_std_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """IDDPM's decoder likelihood for t = 0 (data in [-1, 1] on a 255-bin grid)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999, log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
+
+
+def vlb_term(schedule, x0, x_t, t, eps_pred, var_interp) -> torch.Tensor:
+    """Per-sample VLB (bits/dim) of the learned-range variance, the mean held fixed
+    (stop-grad on ε), as PixArt / IDDPM train their learned sigma."""
+    nd = x0.ndim
+    coef1, coef2 = _gather(schedule["posterior_mean_coef1"], t, nd), _gather(schedule["posterior_mean_coef2"], t, nd)
+    true_mean = coef1 * x0 + coef2 * x_t
+    true_log_var = _gather(schedule["posterior_log_variance_clipped"], t, nd)
+    alpha_bar = _gather(schedule["alphas_cumprod"], t, nd)
+    pred_x0 = (x_t - (1 - alpha_bar).sqrt() * eps_pred.detach()) / alpha_bar.sqrt()
+    model_mean = coef1 * pred_x0 + coef2 * x_t
+    min_log, max_log = true_log_var, _gather(torch.log(schedule["betas"]), t, nd)
+    frac = (var_interp + 1) / 2
+    model_log_var = frac * max_log + (1 - frac) * min_log
+    kl = 0.5 * (-1.0 + model_log_var - true_log_var + torch.exp(true_log_var - model_log_var)
+                + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var))
+    kl = kl.mean(dim=tuple(range(1, nd))) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+    nll = nll.mean(dim=tuple(range(1, nd))) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+def sample_timesteps(batch: int, how: str, generator: torch.Generator, num_train_timesteps: int = 1000) -> torch.Tensor:
+    if how == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    # logit-normal (SD3): more weight on the middle of the schedule
+    u = torch.sigmoid(torch.randn(batch, generator=generator))
+    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+def diffusion_loss(model, schedule, x0, text, mask, t, noise, config: TrainConfig):
+    """ε-MSE (optionally min-SNR weighted) + learned-variance VLB; per-sample mean."""
+    alpha_bar = _gather(schedule["alphas_cumprod"], t, x0.ndim)
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+    out = model(x_t, t, text, mask).float()
+    channels = x0.shape[1]
+    eps_pred = out[:, :channels]
+    mse = ((eps_pred - noise) ** 2).mean(dim=(1, 2, 3))
+    if config.loss_weighting == "min-snr":
+        snr = (alpha_bar / (1 - alpha_bar)).flatten()
+        mse = mse * torch.clamp(snr, max=config.min_snr_gamma) / snr
+    loss = mse
+    if config.learned_sigma_loss and out.shape[1] == 2 * channels:
+        loss = loss + vlb_term(schedule, x0.float(), x_t.float(), t, eps_pred, out[:, channels:])
+    return loss.mean()
+
+
+def vae_loss(vae, images, kl_weight: float):
+    """L1 + MSE reconstruction of the posterior mode, + a small KL to keep latents tame."""
+    posterior = vae.encode(images)
+    recon = vae.decode(posterior.mode())
+    kl = 0.5 * (posterior.mean**2 + posterior.logvar.exp() - 1 - posterior.logvar).mean()
+    return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
+
+
+# ------------------------------------------------------------------------------- builders
+def build_transformer(config: TrainConfig, caption_channels: int):
+    from pixforge.models.presets import PRESETS, get_preset
+    from pixforge.models.transformer import PixArtTransformer
+
+    if Path(config.model).exists():
+        return PixArtTransformer.from_pretrained(config.model).train()
+    preset = get_preset(config.model)
+    if preset.caption_channels != caption_channels:
+        raise PixforgeError(
+            f"model {config.model!r} expects {preset.caption_channels}-d captions but the text encoder gives "
+            f"{caption_channels}-d; choose a preset made for it (shapes-*: 384-d MiniLM) — presets: {', '.join(PRESETS)}"
+        )
+    torch.manual_seed(config.seed)
+    return PixArtTransformer(preset).initialize_weights().train()
+
+
+def build_vae(config: TrainConfig):
+    from pixforge.models.vae import AutoencoderKL, VAEConfig
+
+    channels = config.vae_channels
+    vae_config = VAEConfig(
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=min(32, min(channels)),
+        sample_size=config.resolution,
+        scaling_factor=1.0,
+    )
+    torch.manual_seed(config.seed)
+    return AutoencoderKL(vae_config).train()
+
+
+def build_text_encoder(name: str, max_tokens: int):
+    from pixforge.models.text import MiniLMTextEncoder, T5TextEncoder
+
+    if name == "minilm":
+        return MiniLMTextEncoder.from_package(default_max_length=max_tokens)
+    return T5TextEncoder.from_pretrained(name)
+
+
+# ---------------------------------------------------------------------------------- loop
+class _StopRequested:
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logger.warning("signal %s: checkpointing and stopping after this step", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def lr_lambda(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def ema_update(ema_model, model, decay: float, step: int) -> None:
+    # Warm-up of the decay (as diffusers' EMAModel): early averages are not dominated by init.
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+            ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - decay)
+
+
+def model_flops_per_sample(model, config: TrainConfig, sizes) -> float:
+    """Training FLOPs per sample (3x forward) at the mean bucket size; 0 for the VAE."""
+    if config.target != "transformer":
+        return 0.0
+    from pixforge.models.flops import forward_flops
+
+    per = [forward_flops(model.config, h, w, config.max_text_tokens)["total"] for w, h in sizes]
+    return 3.0 * sum(per) / len(per)
+
+
+def train(config: TrainConfig, stop_after: int | None = None, progress: bool = True) -> TrainResult:
+    """Run (or continue) the training described by `config`.
+
+    stop_after: stop (with a checkpoint) after this many steps of this invocation, as if
+    interrupted; re-running continues.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    if config.batch_size % world:
+        raise PixforgeError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
+
+    dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase, config.seed)
+    batches = BucketBatches(tuple(dataset.buckets), config.batch_size * config.grad_accum, config.seed)
+    if batches.batches_per_epoch() == 0:
+        raise PixforgeError(f"no full batch of {config.batch_size * config.grad_accum} fits any bucket of the data")
+
+    text_features = latents = None
+    null_text = None
+    if config.target == "transformer":
+        from pixforge.models.vae import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(config.vae).eval()
+        encoder = build_text_encoder(config.text_encoder, config.max_text_tokens)
+        cache_dir = output_dir / "feature_cache"
+        vae_hash = file_digest(list(Path(config.vae).glob("*.safetensors")))
+        text_key = cache_key(dataset.fingerprint(), config.text_encoder, str(config.max_text_tokens))
+        latent_key = cache_key(dataset.fingerprint(), vae_hash)
+        if rank == 0:
+            captions = [dataset.caption(i) for i in range(len(dataset))]
+            with torch.no_grad():
+                text_features = load_text_features(cache_dir, text_key, captions, encoder, config.max_text_tokens)
+                latents = load_latents(cache_dir, latent_key, dataset, vae)
+        accelerator.wait_for_everyone()
+        if rank != 0:
+            with torch.no_grad():
+                text_features = load_text_features(cache_dir, text_key, None, encoder, config.max_text_tokens)
+                latents = load_latents(cache_dir, latent_key, dataset, vae)
+        with torch.no_grad():
+            null = encoder.encode([""], config.max_text_tokens)
+        null_text = (null.embeds[0].float(), null.mask[0])
+        caption_channels = encoder.hidden_size
+        encoder.unload()
+        model = build_transformer(config, caption_channels)
+        scaling = vae.config.scaling_factor
+        latent_lookup = _latent_lookup(latents)
+        del vae
+    else:
+        model = build_vae(config)
+
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps))
+    schedule = ddpm_schedule()
+
+    # ----------------------------------------------------------------------- resume
+    step, epoch, position = 0, 0, 0
+    data_generator = torch.Generator().manual_seed(config.seed + 17)  # shared by all ranks
+    latest = ckpt.latest_checkpoint(output_dir)
+    if latest is not None:
+        tensors, optimizer_state, state = ckpt.load_checkpoint(latest)
+        differing = differing_fields(state["config"], config.identity())
+        if differing:
+            raise CheckpointError(
+                f"{latest} belongs to a different run: fields {', '.join(differing)} differ "
+                f"(saved {[state['config'].get(k) for k in differing]} vs now {[config.identity().get(k) for k in differing]}); "
+                f"use another --output-dir or the original settings"
+            )
+        model.load_state_dict(tensors["model"])
+        ema_model.load_state_dict(tensors["ema"])
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scheduler.load_state_dict(optimizer_state["scheduler"])
+        data_generator.set_state(tensors["rng"]["data_generator"])
+        torch.set_rng_state(tensors["rng"][f"torch_rank{rank}"] if f"torch_rank{rank}" in tensors["rng"] else tensors["rng"]["torch_rank0"])
+        ckpt.set_rng_state(state["rng"][str(rank)] if str(rank) in state["rng"] else state["rng"]["0"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        if rank == 0:
+            logger.info("resumed from %s at step %d", latest, step)
+    else:
+        torch.manual_seed(config.seed + rank)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema_model.to(device)
+    raw_model = accelerator.unwrap_model(model)
+    flops_per_sample = model_flops_per_sample(raw_model, config, dataset.sizes)
+
+    def save(current_step: int) -> None:
+        rng = {"data_generator": data_generator.get_state()}
+        rng_json = {}
+        gathered_torch = [torch.get_rng_state()]
+        gathered_json = [ckpt.rng_state()]
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered_torch = [None] * world
+            gathered_json = [None] * world
+            dist.all_gather_object(gathered_torch, torch.get_rng_state())
+            dist.all_gather_object(gathered_json, ckpt.rng_state())
+        for r in range(world):
+            rng[f"torch_rank{r}"] = gathered_torch[r]
+            rng_json[str(r)] = gathered_json[r]
+        if rank == 0:
+            state = {"step": current_step, "epoch": epoch, "position": position, "config": config.identity(),
+                     "full_config": config.to_dict(), "rng": rng_json}
+            ckpt.save_checkpoint(
+                output_dir, current_step,
+                {"model": raw_model.state_dict(), "ema": ema_model.state_dict(), "rng": rng},
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                state, config.keep_last,
+            )
+        accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------------- the loop
+    losses: list[float] = []
+    log_path = output_dir / "metrics.csv"
+    new_log = not log_path.exists()
+    log_file = open(log_path, "a", newline="") if rank == 0 else None
+    writer = csv.writer(log_file) if log_file else None
+    if writer and new_log:
+        writer.writerow(["step", "loss", "lr", "grad_norm", "samples_per_s", "gflops_per_s", "wall_s"])
+    epoch_batches = batches.epoch(epoch)
+    started = time.time()
+    last_checkpoint = time.time()
+    steps_this_run = 0
+    window_start, window_samples = time.time(), 0
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.target}", dynamic_ncols=True)
+    stopped_early = False
+    with _StopRequested() as stop:
+        while step < config.steps:
+            if position >= len(epoch_batches):
+                epoch, position = epoch + 1, 0
+                epoch_batches = batches.epoch(epoch)
+            global_batch = epoch_batches[position]
+            position += 1
+            optimizer.zero_grad(set_to_none=True)
+            micro_size = config.batch_size
+            step_loss = 0.0
+            for micro in range(config.grad_accum):
+                micro_batch = global_batch[micro * micro_size:(micro + 1) * micro_size]
+                # Random draws for the whole global batch, identical on every rank; each rank
+                # takes its slice, so N processes see exactly what one process would.
+                local = shard(micro_batch, rank, world)
+                lo = rank * len(local)
+                with accelerator.no_sync(model) if micro < config.grad_accum - 1 else _null():
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        if config.target == "transformer":
+                            x0 = torch.stack([latent_lookup(i) for i in micro_batch]).float() * scaling
+                            ids = text_features[0][torch.tensor(micro_batch)].long()
+                            text = text_features[1][ids].float()
+                            mask = text_features[2][ids].long()
+                            drop = torch.rand(len(micro_batch), generator=data_generator) < config.caption_dropout
+                            text[drop] = null_text[0]
+                            mask[drop] = null_text[1]
+                            t = sample_timesteps(len(micro_batch), config.timestep_sampling, data_generator)
+                            noise = torch.randn(x0.shape, generator=data_generator)
+                            sl = slice(lo, lo + len(local))
+                            loss = diffusion_loss(
+                                model, schedule, x0[sl].to(device), text[sl].to(device), mask[sl].to(device),
+                                t[sl].to(device), noise[sl].to(device), config,
+                            )
+                        else:
+                            images = torch.stack([dataset[i][0] for i in local])
+                            if config.crop_size:
+                                images = random_crops(images, config.crop_size, data_generator, lo, len(micro_batch))
+                            loss = vae_loss(model, images.to(device), config.kl_weight)
+                    accelerator.backward(loss / config.grad_accum)
+                step_loss += loss.detach().float() / config.grad_accum
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else torch.tensor(0.0)
+            optimizer.step()
+            scheduler.step()
+            ema_update(ema_model, raw_model, config.ema_decay, step)
+            step += 1
+            steps_this_run += 1
+            mean_loss = accelerator.reduce(step_loss.to(device), reduction="mean").item()
+            losses.append(mean_loss)
+            window_samples += len(global_batch)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if writer and (step % config.log_every == 0 or step == config.steps):
+                elapsed = max(time.time() - window_start, 1e-9)
+                rate = window_samples / elapsed
+                writer.writerow([step, f"{mean_loss:.6f}", f"{scheduler.get_last_lr()[0]:.3e}", f"{float(grad_norm):.4f}",
+                                 f"{rate:.2f}", f"{rate * flops_per_sample / 1e9:.2f}", f"{time.time() - started:.1f}"])
+                log_file.flush()
+                window_start, window_samples = time.time(), 0
+            interrupted = stop.requested or (stop_after is not None and steps_this_run >= stop_after)
+            due = step % config.checkpoint_every == 0 or time.time() - last_checkpoint > 60 * config.checkpoint_minutes
+            if due or interrupted or step == config.steps:
+                save(step)
+                last_checkpoint = time.time()
+            if interrupted and step < config.steps:
+                stopped_early = True
+                break
+    if bar is not None:
+        bar.close()
+    if log_file:
+        log_file.close()
+    if rank == 0 and not stopped_early:
+        export_final(config, raw_model, ema_model, output_dir, dataset)
+    accelerator.wait_for_everyone()
+    return TrainResult(step=step, losses=losses, output_dir=output_dir, stopped_early=stopped_early)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator, offset: int, global_count: int) -> torch.Tensor:
+    """Random square crops; offsets drawn for the whole global batch (rank-independent)."""
+    _, _, height, width = images.shape
+    tops = torch.randint(0, height - size + 1, (global_count,), generator=generator)[offset:offset + len(images)]
+    lefts = torch.randint(0, width - size + 1, (global_count,), generator=generator)[offset:offset + len(images)]
+    return torch.stack([img[:, t:t + size, l:l + size] for img, t, l in zip(images, tops.tolist(), lefts.tolist())])
+
+
+def _latent_lookup(latents: dict[str, torch.Tensor]):
+    where = {}
+    for key, value in latents.items():
+        if key.startswith("index"):
+            bucket = key[len("index"):]
+            for row, index in enumerate(value.tolist()):
+                where[index] = (f"bucket{bucket}", row)
+    return lambda index: latents[where[index][0]][where[index][1]]
+
+
+def load_text_features(cache_dir, key, captions, encoder, max_tokens):
+    from pixforge.train.data import cached_text_features
+
+    if captions is None:
+        captions = []
+    ids, embeds, mask, _ = cached_text_features(cache_dir, key, captions, encoder.encode, max_tokens)
+    return ids, embeds, mask
+
+
+def load_latents(cache_dir, key, dataset, vae):
+    from pixforge.train.data import cached_latents
+
+    data, _ = cached_latents(cache_dir, key, dataset, lambda images: vae.encode(images).mode())
+    return data
+
+
+def export_final(config: TrainConfig, model, ema_model, output_dir: Path, dataset) -> None:
+    """EMA weights in the diffusers layout: final/transformer or final/vae."""
+    from pixforge.train.export import export_transformer, export_vae
+
+    if config.target == "vae":
+        export_vae(ema_model, output_dir / "final" / "vae", dataset)
+    else:
+        export_transformer(ema_model, config, output_dir / "final")
+    (output_dir / "final" / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))

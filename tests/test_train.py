@@ -1,0 +1,181 @@
+"""Training loop: exact resume, atomic checkpoints, refusal of other runs' checkpoints,
+buckets, corrupt images, feature cache reuse (tiny models, seconds each)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixforge.errors import CheckpointError, PixforgeError
+from pixforge.train import checkpoint as ckpt
+from pixforge.train.config import TrainConfig
+from pixforge.train.data import BucketBatches, ImageFolderDataset, bucket_sizes, shard
+from pixforge.train.loop import build_vae, train
+
+
+def vae_config(tmp_path, **changes):
+    base = dict(
+        output_dir=str(tmp_path / "run"), target="vae", num_samples=24, vae_channels=(8, 8, 16, 16),
+        batch_size=4, steps=4, checkpoint_every=100, crop_size=32, resolution=64, buckets=False,
+        warmup_steps=2, log_every=1,
+    )
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def final_state(run_dir):
+    latest = ckpt.latest_checkpoint(run_dir)
+    return load_file(str(latest / "model.safetensors")), load_file(str(latest / "ema.safetensors")), \
+        torch.load(latest / "optimizer.pt", weights_only=True)
+
+
+def assert_states_equal(a, b):
+    model_a, ema_a, opt_a = a
+    model_b, ema_b, opt_b = b
+    for key in model_a:
+        assert (model_a[key] - model_b[key]).abs().max().item() <= 1e-6, key
+        assert (ema_a[key] - ema_b[key]).abs().max().item() <= 1e-6, key
+    for index, state in opt_a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert (state[name] - opt_b["optimizer"]["state"][index][name]).abs().max().item() <= 1e-6
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    straight = train(vae_config(tmp_path / "a"), progress=False)
+    first = train(vae_config(tmp_path / "b"), stop_after=2, progress=False)
+    assert first.stopped_early and first.step == 2
+    second = train(vae_config(tmp_path / "b"), progress=False)  # the same command continues
+    assert second.step == 4 and not second.stopped_early
+    assert straight.losses[2:] == pytest.approx(second.losses, abs=1e-6)
+    assert_states_equal(final_state(tmp_path / "a" / "run"), final_state(tmp_path / "b" / "run"))
+
+
+def test_run_that_is_already_finished_does_no_more_steps(tmp_path):
+    train(vae_config(tmp_path, steps=2), progress=False)
+    again = train(vae_config(tmp_path, steps=2), progress=False)
+    assert again.step == 2 and again.losses == []
+
+
+def test_checkpoint_from_a_different_run_is_refused_naming_the_fields(tmp_path):
+    train(vae_config(tmp_path, steps=2), progress=False)
+    with pytest.raises(CheckpointError, match="fields lr, vae_channels differ"):
+        train(vae_config(tmp_path, steps=2, lr=1e-3, vae_channels=(8, 8, 16, 32)), progress=False)
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+    train(vae_config(tmp_path, steps=4, checkpoint_every=1, keep_last=2), progress=False)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]
+    assert names == ["step-00000003", "step-00000004"]
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    train(vae_config(tmp_path, steps=2), progress=False)
+    before = final_state(tmp_path / "run")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the optimizer state")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(vae_config(tmp_path, steps=3), progress=False)
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000002"
+    assert_states_equal(before, final_state(tmp_path / "run"))
+    resumed = train(vae_config(tmp_path, steps=3), progress=False)  # and the run can go on
+    assert resumed.step == 3
+
+
+def test_metrics_csv_has_loss_lr_grad_norm_and_throughput(tmp_path):
+    train(vae_config(tmp_path, steps=3), progress=False)
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr,grad_norm,samples_per_s,gflops_per_s,wall_s"
+    assert len(lines) == 4 and float(lines[-1].split(",")[1]) > 0
+
+
+def test_finished_vae_run_exports_a_diffusers_vae_with_a_measured_scaling_factor(tmp_path):
+    from pixforge.models.vae import AutoencoderKL
+
+    train(vae_config(tmp_path, steps=2), progress=False)
+    config = json.loads((tmp_path / "run" / "final" / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] != 1.0 and config["scaling_factor"] > 0
+    assert AutoencoderKL.from_pretrained(tmp_path / "run" / "final" / "vae").config.block_out_channels == (8, 8, 16, 16)
+
+
+def test_bucket_batches_are_single_size_and_cover_each_sample_once_per_epoch():
+    buckets = tuple([0] * 10 + [1] * 7 + [2] * 9)
+    batches = BucketBatches(buckets, batch_size=3, seed=0)
+    epoch = batches.epoch(0)
+    assert all(len({buckets[i] for i in batch}) == 1 for batch in epoch)
+    seen = [i for batch in epoch for i in batch]
+    assert len(seen) == len(set(seen)) == 3 * (10 // 3 + 7 // 3 + 9 // 3)
+    assert batches.epoch(0) == epoch and batches.epoch(1) != epoch
+
+
+def test_global_batch_is_split_evenly_across_ranks():
+    batch = list(range(8))
+    assert shard(batch, 0, 2) + shard(batch, 1, 2) == batch
+
+
+def test_bucket_sizes_keep_the_area_and_sixteen_pixel_multiples():
+    sizes = bucket_sizes(128)
+    assert (128, 128) in sizes and (144, 112) in sizes and (112, 144) in sizes
+    assert all(w % 16 == 0 and h % 16 == 0 and 0.8 < w * h / 128**2 < 1.2 for w, h in sizes)
+
+
+def test_corrupt_images_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    records = []
+    for i in range(3):
+        Image.new("RGB", (64, 48), (i * 50, 0, 0)).save(folder / f"{i}.png")
+        records.append({"file_name": f"{i}.png", "text": f"image {i}"})
+    (folder / "broken.png").write_bytes(b"not a png")
+    records.append({"file_name": "broken.png", "text": "broken"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    dataset = ImageFolderDataset(folder, bucket_sizes(64))
+    assert len(dataset) == 3 and dataset.skipped == 1
+    assert "skipping unreadable image broken.png" in caplog.text
+    image, text = dataset[0]
+    assert text == "image 0" and image.shape[0] == 3
+
+
+def test_invalid_settings_are_named():
+    with pytest.raises(PixforgeError, match="lr=-1"):
+        TrainConfig(lr=-1, vae="x")
+    with pytest.raises(PixforgeError, match="needs vae="):
+        TrainConfig(target="transformer")
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae") / "vae"
+    build_vae(TrainConfig(target="vae", vae_channels=(8, 8, 16, 16), resolution=64)).save_pretrained(folder)
+    return folder
+
+
+def transformer_config(tmp_path, vae_folder, **changes):
+    base = dict(
+        output_dir=str(tmp_path / "run"), target="transformer", model="shapes-tiny", vae=str(vae_folder),
+        num_samples=16, batch_size=4, steps=3, resolution=64, buckets=False, max_text_tokens=12,
+        warmup_steps=1, checkpoint_every=100,
+    )
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def test_transformer_training_resumes_exactly_and_reuses_the_feature_cache(tmp_path, tiny_vae_folder, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    straight = train(transformer_config(tmp_path / "a", tiny_vae_folder), progress=False)
+    train(transformer_config(tmp_path / "b", tiny_vae_folder), stop_after=1, progress=False)
+    assert "from cache" not in caplog.text  # first run encodes
+    caplog.clear()
+    resumed = train(transformer_config(tmp_path / "b", tiny_vae_folder), progress=False)
+    assert "text features from cache" in caplog.text and "latents from cache" in caplog.text
+    assert straight.losses[1:] == pytest.approx(resumed.losses, abs=1e-6)
+    assert_states_equal(final_state(tmp_path / "a" / "run"), final_state(tmp_path / "b" / "run"))
+    final = tmp_path / "a" / "run" / "final"
+    assert (final / "transformer" / "config.json").exists() and (final / "vae" / "config.json").exists()
