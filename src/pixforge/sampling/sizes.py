@@ -98,7 +98,7 @@ def bins_for(native_size: int, multiple: int) -> dict[str, tuple[int, int]]:
     scale = native_size / base
 
     def snap(pixels: int) -> int:
-        return max(multiple, int(round(pixels * scale / multiple)) * multiple)
+        return max(multiple, int(pixels * scale / multiple + 0.5) * multiple)  # half up
 
     return {ratio: (snap(h), snap(w)) for ratio, (h, w) in ASPECT_RATIO_BINS[base].items()}
 
