@@ -11,6 +11,8 @@ _LAZY = {
     "PixArtTransformer": ("pixforge.models.transformer", "PixArtTransformer"),
     "TransformerConfig": ("pixforge.models.presets", "TransformerConfig"),
     "get_preset": ("pixforge.models.presets", "get_preset"),
+    "PixArtPipeline": ("pixforge.sampling.pipeline", "PixArtPipeline"),
+    "load_pipeline": ("pixforge.sampling.pipeline", "load_pipeline"),
 }
 
 __all__ = ["__version__", *_LAZY]
