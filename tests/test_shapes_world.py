@@ -163,3 +163,13 @@ def test_bad_config_values_are_rejected_with_the_allowed_values():
         WorldConfig(mix=(("landscape", 1.0),))
     with pytest.raises(PixforgeError, match="split"):
         sample(0, "dev")
+
+
+def test_the_world_imports_only_numpy_and_pil():
+    import subprocess
+    import sys
+
+    code = ("import sys, pixforge.shapes, pixforge.shapes.export, pixforge.shapes.degrade; "
+            "print(sorted(m for m in ('torch', 'scipy', 'matplotlib', 'torchmetrics') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
