@@ -343,7 +343,6 @@ class PixArtPipeline:
         self.guidance_scale = guidance_scale
         self.model_name = model_name
         self.pipeline_class = pipeline_class
-        self._weight_files: list[Path] = []  # the transformer files the model hash is taken over
         self._model_hash: str | None = None
         self._full_precision_state: dict[str, torch.Tensor] | None = None
         self._text_encoder_folder: Path | None = None  # MiniLM weights stored in the folder, if any
@@ -391,21 +390,17 @@ class PixArtPipeline:
     # --- model identity -------------------------------------------------------------------
     @property
     def model_hash(self) -> str:
-        """First 10 hex digits of the SHA-256 of the transformer weights (A1111's 'Model hash').
+        """First 10 hex digits of a SHA-256 over the transformer's float32 weights (name + bytes).
 
-        Over the weight files when loaded from a folder, else over the tensors; computed once.
+        The weights' identity whatever the file layout (one file, shards, in memory); shown
+        as A1111's "Model hash". Computed on first use (~1 s per GB of weights), then kept.
         """
         if self._model_hash is None:
+            state = self._full_precision_state or self.transformer.state_dict()
             digest = hashlib.sha256()
-            if self._weight_files:
-                for path in self._weight_files:
-                    with open(path, "rb") as handle:
-                        for chunk in iter(lambda: handle.read(1 << 20), b""):
-                            digest.update(chunk)
-            else:
-                for name, tensor in sorted(self.transformer.state_dict().items()):
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            for name in sorted(state):
+                digest.update(name.encode())
+                digest.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
             self._model_hash = digest.hexdigest()[:10]
         return self._model_hash
 
@@ -645,9 +640,6 @@ class PixArtPipeline:
             )
         except PixforgeError as error:
             raise CheckpointError(f"{root}: {error}") from None
-        pipe._weight_files = sorted((root / "transformer").glob("*.safetensors")) or sorted(
-            (root / "transformer").glob("*.bin")
-        )
         pipe._text_encoder_folder = encoder_folder
         return pipe
 
