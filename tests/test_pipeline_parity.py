@@ -108,3 +108,20 @@ def test_pil_output_equals_diffusers_pil_output(tmp_path):
     # The same 8-bit rounding; a value within 1e-6 of a .5 boundary may round the other way.
     assert np.abs(ours_pixels - expected_pixels).max() <= 1
     assert (ours_pixels == expected_pixels).mean() > 0.999
+
+
+def test_a_diffusers_adapter_sampler_matches_that_scheduler_in_diffusers(tmp_path):
+    # "unipc" is driven by diffusers' own UniPCMultistepScheduler, configured with PixArt's betas.
+    reference = build_diffusers_pipeline("sigma", "dpm++")
+    reference.save_pretrained(tmp_path / "model")
+    reference.scheduler = diffusers.UniPCMultistepScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+        prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0,
+    )
+    images, latents = run_diffusers(reference, PROMPTS, NEGATIVES, 128, 128, 6, 4.5, [1, 2])
+    ours = PixArtPipeline.from_pretrained(tmp_path / "model")(
+        PROMPTS, NEGATIVES, height=128, width=128, num_inference_steps=6, sampler="unipc", seed=1,
+        output_type="np", progress=False, max_sequence_length=16,
+    )
+    assert ours.metadata[0].sampler == "unipc"
+    assert_same_generation(ours, images, latents)
