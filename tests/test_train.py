@@ -179,3 +179,36 @@ def test_transformer_training_resumes_exactly_and_reuses_the_feature_cache(tmp_p
     assert_states_equal(final_state(tmp_path / "a" / "run"), final_state(tmp_path / "b" / "run"))
     final = tmp_path / "a" / "run" / "final"
     assert (final / "transformer" / "config.json").exists() and (final / "vae" / "config.json").exists()
+
+
+def test_plot_draws_the_curves_of_a_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from pixforge.cli import app
+
+    train(vae_config(tmp_path, steps=2), progress=False)
+    result = CliRunner().invoke(app, ["train", "--plot", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "run" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_flags_map_onto_the_config_and_override_the_file(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pixforge.cli import app
+    from pixforge.train import loop
+
+    seen = {}
+
+    def fake_train(config, **kwargs):
+        seen["config"] = config
+        return loop.TrainResult(step=0, losses=[], output_dir=tmp_path, stopped_early=False)
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    (tmp_path / "recipe.json").write_text(json.dumps({"target": "vae", "lr": 0.5, "steps": 7}))
+    result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "recipe.json"), "--lr", "0.25",
+                                      "--vae-channels", "8,16", "--no-buckets"])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.lr, config.steps, config.vae_channels, config.buckets) == (0.25, 7, (8, 16), False)

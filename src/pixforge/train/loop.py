@@ -123,12 +123,23 @@ def diffusion_loss(model, schedule, x0, text, mask, t, noise, config: TrainConfi
     return loss.mean()
 
 
-def vae_loss(vae, images, kl_weight: float):
-    """L1 + MSE reconstruction of the posterior mode, + a small KL to keep latents tame."""
-    posterior = vae.encode(images)
-    recon = vae.decode(posterior.mode())
-    kl = 0.5 * (posterior.mean**2 + posterior.logvar.exp() - 1 - posterior.logvar).mean()
-    return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
+class VAEObjective(torch.nn.Module):
+    """The VAE's training loss as a module, so DDP/FSDP see it as one forward.
+
+    L1 + MSE reconstruction of the posterior mode (deterministic latents reconstruct flat
+    colours far better than samples at this budget), + a small KL to keep latents tame.
+    """
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(images)
+        recon = self.vae.decode(posterior.mode())
+        kl = 0.5 * (posterior.mean**2 + posterior.logvar.exp() - 1 - posterior.logvar).mean()
+        return F.l1_loss(recon, images) + F.mse_loss(recon, images) + self.kl_weight * kl
 
 
 # ------------------------------------------------------------------------------- builders
@@ -210,7 +221,9 @@ def ema_update(ema_model, model, decay: float, step: int) -> None:
     decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for ema_param, param in zip(ema_model.parameters(), model.parameters()):
-            ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - decay)
+            value = param.detach()
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value  # FSDP2 shards
+            ema_param.lerp_(value.to(ema_param.dtype), 1.0 - decay)
 
 
 def model_flops_per_sample(model, config: TrainConfig, sizes) -> float:
@@ -276,9 +289,12 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
         latent_lookup = _latent_lookup(latents)
         del vae
     else:
-        model = build_vae(config)
+        model = VAEObjective(build_vae(config), config.kl_weight)
 
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    use_fsdp = world > 1 and config.distributed == "fsdp"
+    if use_fsdp:
+        shard_model(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps))
     schedule = ddpm_schedule()
@@ -296,9 +312,12 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
                 f"(saved {[state['config'].get(k) for k in differing]} vs now {[config.identity().get(k) for k in differing]}); "
                 f"use another --output-dir or the original settings"
             )
-        model.load_state_dict(tensors["model"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, tensors["model"], options=full)
         ema_model.load_state_dict(tensors["ema"])
-        optimizer.load_state_dict(optimizer_state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, optimizer_state["optimizer"], options=full)
         scheduler.load_state_dict(optimizer_state["scheduler"])
         data_generator.set_state(tensors["rng"]["data_generator"])
         torch.set_rng_state(tensors["rng"][f"torch_rank{rank}"] if f"torch_rank{rank}" in tensors["rng"] else tensors["rng"]["torch_rank0"])
@@ -309,9 +328,10 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     else:
         torch.manual_seed(config.seed + rank)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model, raw_optimizer = model, optimizer
+    if not use_fsdp:  # DDP (or nothing) through accelerate; FSDP2 is applied above
+        model, optimizer = accelerator.prepare(model, optimizer)
     ema_model.to(device)
-    raw_model = accelerator.unwrap_model(model)
     flops_per_sample = model_flops_per_sample(raw_model, config, dataset.sizes)
 
     def save(current_step: int) -> None:
@@ -329,13 +349,18 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
         for r in range(world):
             rng[f"torch_rank{r}"] = gathered_torch[r]
             rng_json[str(r)] = gathered_json[r]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(raw_model, options=full)  # collective under FSDP
+        optimizer_state = get_optimizer_state_dict(raw_model, raw_optimizer, options=full)
         if rank == 0:
             state = {"step": current_step, "epoch": epoch, "position": position, "config": config.identity(),
                      "full_config": config.to_dict(), "rng": rng_json}
             ckpt.save_checkpoint(
                 output_dir, current_step,
-                {"model": raw_model.state_dict(), "ema": ema_model.state_dict(), "rng": rng},
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                {"model": model_state, "ema": ema_model.state_dict(), "rng": rng},
+                {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
                 state, config.keep_last,
             )
         accelerator.wait_for_everyone()
@@ -375,7 +400,7 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
                 # takes its slice, so N processes see exactly what one process would.
                 local = shard(micro_batch, rank, world)
                 lo = rank * len(local)
-                with accelerator.no_sync(model) if micro < config.grad_accum - 1 else _null():
+                with gradient_sync(accelerator, model, use_fsdp, enabled=micro == config.grad_accum - 1):
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                         if config.target == "transformer":
                             x0 = torch.stack([latent_lookup(i) for i in micro_batch]).float() * scaling
@@ -396,10 +421,13 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
                             images = torch.stack([dataset[i][0] for i in local])
                             if config.crop_size:
                                 images = random_crops(images, config.crop_size, data_generator, lo, len(micro_batch))
-                            loss = vae_loss(model, images.to(device), config.kl_weight)
+                            loss = model(images.to(device))
                     accelerator.backward(loss / config.grad_accum)
                 step_loss += loss.detach().float() / config.grad_accum
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else torch.tensor(0.0)
+            grad_norm = torch.tensor(0.0)
+            if config.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             optimizer.step()
             scheduler.step()
             ema_update(ema_model, raw_model, config.ema_decay, step)
@@ -436,11 +464,41 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     return TrainResult(step=step, losses=losses, output_dir=output_dir, stopped_early=stopped_early)
 
 
-class _null:
+def shard_model(model, device) -> None:
+    """FSDP2: shard every transformer block (or VAE stage), then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    if hasattr(model, "transformer_blocks"):
+        units = list(model.transformer_blocks)
+    else:  # VAEObjective
+        units = [*model.vae.encoder.down_blocks, *model.vae.decoder.up_blocks]
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+class gradient_sync:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+
+    def __init__(self, accelerator, model, use_fsdp: bool, enabled: bool):
+        self.accelerator, self.model, self.use_fsdp, self.enabled = accelerator, model, use_fsdp, enabled
+        self._context = None
+
     def __enter__(self):
+        if self.use_fsdp:
+            self.model.set_requires_gradient_sync(self.enabled)
+        elif not self.enabled:
+            self._context = self.accelerator.no_sync(self.model)
+            self._context.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self._context is not None:
+            self._context.__exit__(*exc)
+        if self.use_fsdp:
+            self.model.set_requires_gradient_sync(True)
         return False
 
 
@@ -483,7 +541,7 @@ def export_final(config: TrainConfig, model, ema_model, output_dir: Path, datase
     from pixforge.train.export import export_transformer, export_vae
 
     if config.target == "vae":
-        export_vae(ema_model, output_dir / "final" / "vae", dataset)
+        export_vae(ema_model.vae, output_dir / "final" / "vae", dataset)
     else:
         export_transformer(ema_model, config, output_dir / "final")
     (output_dir / "final" / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
