@@ -239,6 +239,15 @@ def shapes_export_command(
         typer.echo(f"wrote {n} {split} samples to {path}")
 
 
+def _register_train() -> None:
+    from pixforge.train.cli import train_command
+
+    app.command("train", help=train_command.__doc__)(train_command)
+
+
+_register_train()
+
+
 def main() -> None:
     from pixforge.errors import PixforgeError
 
