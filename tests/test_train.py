@@ -177,8 +177,11 @@ def test_transformer_training_resumes_exactly_and_reuses_the_feature_cache(tmp_p
     assert "text features from cache" in caplog.text and "latents from cache" in caplog.text
     assert straight.losses[1:] == pytest.approx(resumed.losses, abs=1e-6)
     assert_states_equal(final_state(tmp_path / "a" / "run"), final_state(tmp_path / "b" / "run"))
-    final = tmp_path / "a" / "run" / "final"
-    assert (final / "transformer" / "config.json").exists() and (final / "vae" / "config.json").exists()
+    from pixforge.sampling.pipeline import PixArtPipeline
+
+    pipe = PixArtPipeline.from_pretrained(tmp_path / "a" / "run" / "final")
+    image = pipe("a red circle", height=64, width=64, num_inference_steps=2, seed=0, progress=False).images[0]
+    assert image.size == (64, 64)
 
 
 def test_plot_draws_the_curves_of_a_run(tmp_path):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -35,9 +34,16 @@ def export_vae(vae, folder: Path, dataset) -> None:
 
 
 def export_transformer(model, config, folder: Path) -> None:
-    """transformer/ (EMA) next to a copy of the VAE it was trained on."""
-    model.float().eval().save_pretrained(folder / "transformer")
-    vae_target = folder / "vae"
-    if vae_target.exists():
-        shutil.rmtree(vae_target)
-    shutil.copytree(config.vae, vae_target, ignore=shutil.ignore_patterns(".*"))
+    """A complete pipeline folder: the EMA transformer, the VAE it was trained on, the
+    text encoder it read (MiniLM by reference to its pip package, or T5) and the default
+    sampler, loadable with `PixArtPipeline.from_pretrained(folder)`."""
+    from pixforge.models.vae import AutoencoderKL
+    from pixforge.sampling.pipeline import PixArtPipeline
+    from pixforge.train.loop import build_text_encoder
+
+    encoder = build_text_encoder(config.text_encoder, config.max_text_tokens)
+    pipe = PixArtPipeline(
+        model.float().eval(), AutoencoderKL.from_pretrained(config.vae), encoder,
+        max_sequence_length=config.max_text_tokens, model_name=Path(config.output_dir).name,
+    )
+    pipe.save_pretrained(folder)
