@@ -14,17 +14,11 @@ from pixforge.models.convert import (
 )
 from pixforge.models.presets import get_preset
 from pixforge.models.transformer import PixArtTransformer
+from helpers.tiny_transformer import random_transformer as random_model
 
 diffusers = pytest.importorskip("diffusers")
 
 
-def random_model(**changes):
-    torch.manual_seed(0)
-    model = PixArtTransformer(get_preset("tiny").replace(**changes)).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return model
 
 
 def inputs():

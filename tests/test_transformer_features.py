@@ -6,15 +6,9 @@ import torch.nn.functional as F
 from pixforge.errors import PixforgeError
 from pixforge.models.presets import PRESETS, get_preset
 from pixforge.models.transformer import PixArtTransformer
+from helpers.tiny_transformer import random_transformer as random_model
 
 
-def random_model(**changes):
-    torch.manual_seed(0)
-    model = PixArtTransformer(get_preset("tiny").replace(**changes)).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return model
 
 
 def inputs(batch=2, size=16, text_len=6):
