@@ -48,7 +48,7 @@ def degraded(image, rng: np.random.Generator) -> tuple[object, np.ndarray]:
 
 
 def dataset(split: str, n: int, config: WorldConfig) -> tuple[torch.Tensor, ...]:
-    """uint8 images (n, 3, 64, 64), counts (n, 24) in 0..4, background index (n,), degradation strengths (n, 4)."""
+    """uint8 images (n, 3, 128, 128), counts (n, 24) in 0..4, background index (n,), degradation strengths (n, 4)."""
     images, counts, backgrounds = [], np.zeros((n, len(PAIRS)), dtype=np.int64), np.zeros(n, dtype=np.int64)
     strengths = np.zeros((n, len(DEGRADATIONS)), dtype=np.float32)
     for index in range(n):

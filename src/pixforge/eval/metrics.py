@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from pixforge.errors import PixforgeError
 
 FEATURE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "shapes_features.safetensors"
-INPUT_SIZE = 64
+INPUT_SIZE = 128  # full detail of the default canvas: blur, noise and JPEG artefacts stay visible
 NUM_PAIRS = 24  # colour × shape
 MAX_COUNT = 4
 NUM_BACKGROUNDS = 3
@@ -39,8 +39,8 @@ class ShapesFeatureNet(nn.Module):
         super().__init__()
         w = width
         self.convs = nn.Sequential(
-            nn.Conv2d(3, w, 4, stride=2, padding=1), nn.GroupNorm(8, w), nn.GELU(),  # 32²
-            nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(8, w), nn.GELU(),
+            nn.Conv2d(3, w, 4, stride=2, padding=1), nn.GroupNorm(8, w), nn.GELU(),  # 64²
+            nn.Conv2d(w, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.GELU(),  # 32²
             nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.GELU(),  # 16²
             nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.GELU(),  # 8²
             nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.GELU(),  # 4²
@@ -51,7 +51,7 @@ class ShapesFeatureNet(nn.Module):
         self.degradation_head = nn.Linear(self.num_features, NUM_DEGRADATIONS)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """float images (N, 3, 64, 64) in [0, 1] → (N, 64)."""
+        """float images (N, 3, 128, 128) in [0, 1] → (N, 64)."""
         hidden = self.convs(images * 2.0 - 1.0)  # (N, 64, 4, 4)
         embedded = self.embed(hidden.flatten(1))  # (N, 64)
         return F.layer_norm(embedded, (self.num_features,))  # unit scale: FID/KID in comparable units
@@ -65,7 +65,7 @@ class ShapesFeatureNet(nn.Module):
 
 
 def prepare(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) → float (N, 3, 64, 64) in [0, 1]: area-resized, aspect ignored."""
+    """uint8 (N, 3, H, W) → float (N, 3, 128, 128) in [0, 1]: resized, aspect ignored."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
         x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
@@ -73,7 +73,7 @@ def prepare(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8_batch(images: list) -> torch.Tensor:
-    """PIL images or (H, W, 3) arrays of any sizes → uint8 (N, 3, 64, 64)."""
+    """PIL images or (H, W, 3) arrays of any sizes → uint8 (N, 3, 128, 128)."""
     batch = []
     for image in images:
         if not isinstance(image, Image.Image):
