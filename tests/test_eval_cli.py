@@ -58,13 +58,26 @@ def test_eval_reports_failures_per_category(exported, tmp_path):
     assert all(sample["reason"] for sample in report["samples"])
 
 
-def test_eval_with_model_explains_when_generation_is_unavailable(exported, tmp_path):
-    result = runner.invoke(app, ["eval", "--model", str(tmp_path), "--prompts", str(exported / "prompts_geneval.jsonl")])
-    try:
-        import pixforge.sampling.pipeline  # noqa: F401
-    except ImportError:
-        assert result.exit_code != 0
-        assert "generation pipeline not available yet" in str(result.exception)
+def test_eval_with_model_generates_scores_and_saves_the_images(exported, tmp_path):
+    from pixforge.models.presets import get_preset
+    from pixforge.models.text import MiniLMTextEncoder
+    from pixforge.models.transformer import PixArtTransformer
+    from pixforge.sampling.pipeline import PixArtPipeline
+    from pixforge.train.config import TrainConfig
+    from pixforge.train.loop import build_vae
+
+    vae = build_vae(TrainConfig(target="vae", vae_channels=(8, 8, 16, 16), resolution=64))
+    transformer = PixArtTransformer(get_preset("shapes-tiny"))
+    PixArtPipeline(transformer, vae, MiniLMTextEncoder.from_package(default_max_length=16)).save_pretrained(tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join((exported / "prompts_geneval.jsonl").read_text().splitlines()[:3]))
+    out = tmp_path / "report.json"
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "model"), "--prompts", str(prompts),
+                                 "--out", str(out), "--save-images", str(tmp_path / "images"), "--size", "64x64"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["overall"]["total"] == 3
+    assert len(list((tmp_path / "images").glob("*.png"))) == 3
 
 
 def test_eval_needs_exactly_one_source():

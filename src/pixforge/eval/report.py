@@ -71,13 +71,8 @@ def generate_and_score(
     save_images: str | Path | None = None, limit: int | None = None,
 ) -> dict:
     """Generate one image per prompt record (seed + line index), then score them."""
-    try:
-        from pixforge.sampling.pipeline import PixArtPipeline
-    except ImportError as error:
-        raise PixforgeError(
-            f"generation pipeline not available yet (cannot import pixforge.sampling.pipeline: {error}); "
-            "score existing images with `pixforge eval --images DIR`"
-        ) from None
+    from pixforge.sampling.pipeline import PixArtPipeline
+
     records = read_jsonl(prompts)
     records = records[:limit] if limit else records
     pipe = PixArtPipeline.from_pretrained(str(model))

@@ -66,8 +66,10 @@ class FoundObject:
     fill: float
 
     def to_json(self) -> dict:
-        return {"color": self.color, "shape": self.shape, "bbox": list(self.bbox),
-                "center": [round(v, 2) for v in self.center], "area": self.area, "fill": round(self.fill, 3)}
+        # Plain Python numbers: numpy scalars from the detector are not JSON-serialisable.
+        return {"color": self.color, "shape": self.shape, "bbox": [int(v) for v in self.bbox],
+                "center": [round(float(v), 2) for v in self.center], "area": int(self.area),
+                "fill": round(float(self.fill), 3)}
 
 
 @dataclass(frozen=True)
