@@ -2,6 +2,7 @@
 transformer trained on its latents can pass the compositional checker?
 
     python benchmarks/vae_gate.py runs/vae/final/vae --n 300
+    python benchmarks/vae_gate.py runs/vae --n 100      # a run in progress: newest checkpoint
 
 Prints PSNR (mean, min) and the checker's pass rate on the reconstructions (and on the
 renders themselves, the ceiling), per category. The default-model recipe trains the
@@ -24,8 +25,21 @@ from pixforge.shapes.world import WorldConfig, sample
 from pixforge.train.data import bucket_sizes, to_tensor
 
 
+def load_vae(path: str):
+    """A VAE folder, or a training run folder (its newest checkpoint's EMA weights)."""
+    from pathlib import Path
+
+    if (Path(path) / "checkpoints").is_dir():
+        from pixforge.train.export import model_from_run
+
+        vae, step = model_from_run(path)
+        print(f"{path}: EMA weights of step {step}")
+        return vae
+    return AutoencoderKL.from_pretrained(path)
+
+
 def evaluate(vae_dir: str, n: int, resolution: int = 128, batch: int = 25) -> dict:
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    vae = load_vae(vae_dir).eval()
     sizes = bucket_sizes(resolution)[:5]
     items = [sample(i, "test", WorldConfig(canvas_sizes=(sizes[i % len(sizes)],))) for i in range(n)]
     by_category = defaultdict(lambda: [0, 0, 0])  # renders passed, reconstructions passed, count

@@ -215,3 +215,14 @@ def test_cli_flags_map_onto_the_config_and_override_the_file(tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     config = seen["config"]
     assert (config.lr, config.steps, config.vae_channels, config.buckets) == (0.25, 7, (8, 16), False)
+
+
+def test_model_from_run_returns_the_newest_checkpoints_ema_weights(tmp_path):
+    from pixforge.models.vae import AutoencoderKL
+    from pixforge.train.export import model_from_run
+
+    train(vae_config(tmp_path, steps=3, checkpoint_every=2), stop_after=2, progress=False)
+    vae, step = model_from_run(tmp_path / "run")
+    assert isinstance(vae, AutoencoderKL) and step == 2
+    ema = load_file(str(ckpt.latest_checkpoint(tmp_path / "run") / "ema.safetensors"))
+    assert torch.equal(vae.state_dict()["decoder.conv_out.weight"], ema["vae.decoder.conv_out.weight"])

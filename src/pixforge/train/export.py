@@ -47,3 +47,29 @@ def export_transformer(model, config, folder: Path) -> None:
         max_sequence_length=config.max_text_tokens, model_name=Path(config.output_dir).name,
     )
     pipe.save_pretrained(folder)
+
+
+def model_from_run(run_dir: str | Path, ema: bool = True):
+    """The (EMA) model of a run's newest checkpoint, for evaluating a run while it trains.
+
+    Returns an AutoencoderKL for a VAE run, a PixArtTransformer for a transformer run.
+    """
+    from pixforge.errors import CheckpointError
+    from pixforge.train import checkpoint as ckpt
+    from pixforge.train.config import TrainConfig
+    from pixforge.train.loop import VAEObjective, build_transformer, build_vae
+
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise CheckpointError(f"{run_dir} has no training checkpoint yet")
+    tensors, _, state = ckpt.load_checkpoint(latest)
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["full_config"].items()})
+    weights = tensors["ema" if ema else "model"]
+    if config.target == "vae":
+        model = VAEObjective(build_vae(config), config.kl_weight)
+        model.load_state_dict(weights)
+        return model.vae.eval(), state["step"]
+    caption_channels = weights["caption_projection.linear_1.weight"].shape[1]
+    model = build_transformer(config, caption_channels)
+    model.load_state_dict(weights)
+    return model.eval(), state["step"]
