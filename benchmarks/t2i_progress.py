@@ -1,0 +1,88 @@
+"""Compositional accuracy of a text-to-image run, from its newest EMA checkpoint or a
+finished pipeline folder: the number to watch while the default model trains.
+
+    python benchmarks/t2i_progress.py runs/t2i --n 48            # a run in progress
+    python benchmarks/t2i_progress.py src/pixforge/assets/default --n 600 --paraphrased 0.33
+
+Test-split prompts (a fraction paraphrased, never seen in training), one image each,
+seed = index, 20 dpm++ steps, CFG --cfg; scored by the shapes checker per category.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from pixforge.eval.shapes import check
+from pixforge.shapes.world import WorldConfig, sample
+
+
+def load(path: str, max_text_tokens: int):
+    from pixforge.models.text import MiniLMTextEncoder
+    from pixforge.models.vae import AutoencoderKL
+    from pixforge.sampling.pipeline import PixArtPipeline
+
+    if (Path(path) / "checkpoints").is_dir():
+        from pixforge.train.checkpoint import latest_checkpoint, load_checkpoint
+        from pixforge.train.export import model_from_run
+
+        transformer, step = model_from_run(path)
+        config = load_checkpoint(latest_checkpoint(path))[2]["full_config"]
+        vae = AutoencoderKL.from_pretrained(config["vae"])
+        encoder = MiniLMTextEncoder.from_package(default_max_length=config["max_text_tokens"])
+        return PixArtPipeline(transformer, vae, encoder, max_sequence_length=config["max_text_tokens"]), step
+    return PixArtPipeline.from_pretrained(path), None
+
+
+def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16) -> dict:
+    plain, para = WorldConfig(), WorldConfig(paraphrase=True)
+    items = [sample(i, "test", para if (i * 0.6180339887498949) % 1.0 < paraphrased else plain) for i in range(n)]
+    stats = defaultdict(lambda: [0, 0])
+    failures = []
+    start = time.time()
+    for first in range(0, n, batch):
+        chunk = items[first:first + batch]
+        result = pipe([item.caption for item in chunk], height=128, width=128, num_inference_steps=steps,
+                      guidance_scale=cfg, seed=first, progress=False)
+        for item, image in zip(chunk, result.images):
+            outcome = check(image, item.caption)
+            stats[item.scene.category][0] += outcome.passed
+            stats[item.scene.category][1] += 1
+            if not outcome.passed and len(failures) < 8:
+                failures.append(f"{item.caption!r}: {outcome.reason}")
+    passed, total = sum(v[0] for v in stats.values()), sum(v[1] for v in stats.values())
+    return {"overall": passed / total, "n": total, "seconds": time.time() - start,
+            "per_category": {k: v[0] / v[1] for k, v in sorted(stats.items())}, "failures": failures}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path")
+    parser.add_argument("--n", type=int, default=48)
+    parser.add_argument("--paraphrased", type=float, default=0.33)
+    parser.add_argument("--cfg", type=float, default=4.5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-text-tokens", type=int, default=24)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    pipe, step = load(args.path, args.max_text_tokens)
+    result = evaluate(pipe, args.n, args.paraphrased, args.cfg, args.steps)
+    result["step"] = step
+    where = f" (step {step})" if step is not None else ""
+    print(f"{args.path}{where}: {100 * result['overall']:.1f}% of {result['n']} prompts pass "
+          f"({result['seconds']:.0f} s, cfg {args.cfg})")
+    for category, value in result["per_category"].items():
+        print(f"  {category:<14} {100 * value:5.1f}%")
+    for line in result["failures"]:
+        print("  fail:", line)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
