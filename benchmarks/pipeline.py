@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pixforge.eval.bench import median_range, timed_pair
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers.tiny_pipeline import build_diffusers_pipeline  # noqa: E402
@@ -40,19 +42,8 @@ PROMPT, NEGATIVE, STEPS, GUIDANCE, SEED = "two blue squares above a yellow star"
 MAX_LENGTH = 32
 
 
-def timed_pair(baseline, ours, repeats: int) -> tuple[list[float], list[float]]:
-    baseline(), ours()  # warm-up
-    times_baseline, times_ours = [], []
-    for _ in range(repeats):
-        for fn, times in ((baseline, times_baseline), (ours, times_ours)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return times_baseline, times_ours
-
-
 def fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+    return median_range(values, 3)
 
 
 def main() -> None:

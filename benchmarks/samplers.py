@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from pixforge.eval.bench import median_range, timed_pair
+
 from pixforge.sampling import samplers as S
 
 BETAS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -52,20 +54,8 @@ def diffusers_loop(scheduler, steps: int, noise: torch.Tensor, generator: torch.
     return x
 
 
-def timed_pair(baseline, ours, repeats: int) -> tuple[list[float], list[float]]:
-    """Alternate the two so that both see the same background load (shared CI machines)."""
-    baseline(), ours()  # warm-up
-    times_baseline, times_ours = [], []
-    for _ in range(repeats):
-        for fn, times in ((baseline, times_baseline), (ours, times_ours)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return times_baseline, times_ours
-
-
 def fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+    return median_range(values, 1)
 
 
 def main() -> None:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-
 import torch
 
+from pixforge.eval.bench import interleaved
 from pixforge.models.convert import diffusers_to_pixforge
 from pixforge.models.flops import forward_flops
 from pixforge.models.precision import auto_precision, measure_precisions
@@ -46,15 +45,6 @@ def make_inputs(config, size: int, batch: int, text_tokens: int, real_tokens: in
     mask[:, :real_tokens] = 1
     timestep = torch.full((batch,), 500)
     return latents, timestep, text, mask
-
-
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -90,12 +80,7 @@ def main() -> None:
                 "pixforge": lambda: ours(latents, timestep, text, mask),
                 "pixforge, cached text": lambda: ours(latents, timestep, text_context=context),
             }
-            for fn in runs.values():  # warm-up
-                fn()
-            times = {name: [] for name in runs}
-            for _ in range(args.repeats):
-                for name, fn in runs.items():
-                    times[name] += timed(fn, 1)
+            times = interleaved(runs, args.repeats)
             base = statistics.median(times["diffusers"])
             for name, values in times.items():
                 median = statistics.median(values)
