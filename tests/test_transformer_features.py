@@ -186,3 +186,16 @@ def test_flops_grow_with_tokens_and_count_attention():
     assert 4.0 < large["total"] / small["total"] < 5.0  # 4x tokens, attention grows faster
     # DiT-XL/2 at 256² is 118.6 GFLOPs (multiply-adds counted once) without text; PixArt adds cross-attention.
     assert 2 * 118e9 < small["total"] < 2 * 160e9
+
+
+def test_chunked_bf16_attention_equals_the_formula():
+    from pixforge.models.transformer import chunked_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 150, 24, generator=g) for _ in range(3))
+    bias = torch.zeros(2, 1, 1, 150)
+    bias[0, ..., 100:] = -10000.0
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert (chunked_attention(q, k, v, bias, chunk=64) - expected).abs().max().item() <= 1e-5
+    low = chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16()).float()
+    assert (low - expected).abs().max().item() < 5e-2

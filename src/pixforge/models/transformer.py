@@ -123,14 +123,41 @@ class CaptionProjection(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(caption), approximate="tanh"))
 
 
+# Queries per chunk of the bf16 CPU attention: a 64 x Nk score block stays in cache.
+ATTENTION_QUERY_CHUNK = 64
+
+
 def attention(q, k, v, bias, use_sdpa: bool) -> torch.Tensor:
     """(B, H, Nq, d), (B, H, Nk, d) x2, additive bias broadcastable to (B, H, Nq, Nk) or None."""
-    if use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-    if bias is not None:
-        scores = scores + bias
-    return scores.softmax(dim=-1) @ v
+    if not use_sdpa:
+        scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        if bias is not None:
+            scores = scores + bias
+        return scores.softmax(dim=-1) @ v
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # PyTorch's CPU flash-attention kernel runs bf16 at its fp32 speed (measured: 56 ms for
+        # XL/2 self-attention at 512², the same as fp32, 41% of the whole bf16 forward), while
+        # bf16 GEMMs run ~4x faster than fp32 on CPUs with bf16 units: query-chunked attention
+        # on bf16 matmuls takes 30 ms for the same work.
+        return chunked_attention(q, k, v, bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def chunked_attention(q, k, v, bias, chunk: int = ATTENTION_QUERY_CHUNK) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v, `chunk` queries at a time."""
+    scale = q.shape[-1] ** -0.5
+    # Heads split out of a fused projection are strided views: one copy each here, instead of
+    # one inside every chunk's matmul.
+    # The scale goes on q (Nq x d values) rather than on the scores (Nq x Nk).
+    q, v = (q * scale).contiguous(), v.contiguous()
+    keys_t = k.contiguous().transpose(-2, -1)  # (B, H, d, Nk)
+    outputs = []
+    for start in range(0, q.shape[-2], chunk):
+        scores = torch.matmul(q[:, :, start:start + chunk], keys_t)  # (B, H, c, Nk)
+        if bias is not None:
+            scores = scores + bias
+        outputs.append(torch.matmul(scores.softmax(dim=-1), v))  # (B, H, c, d)
+    return torch.cat(outputs, dim=2)
 
 
 class SelfAttention(nn.Module):
