@@ -368,15 +368,20 @@ def load_transformer(
     return model.to(device).eval()
 
 
-def load_into(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Strict load with an error naming missing / unexpected / mis-shaped keys."""
-    expected = model.state_dict()
+def state_dict_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]):
+    """-> (missing keys, unexpected keys, [(key, shape in state, expected shape)])."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshaped = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items() if k in state and state[k].shape != v.shape
+        (k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if k in state and state[k].shape != v.shape
     ]
+    return missing, unexpected, misshaped
+
+
+def load_into(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strict load with an error naming missing / unexpected / mis-shaped keys."""
+    missing, unexpected, misshaped = state_dict_mismatch(model.state_dict(), state)
+    misshaped = [f"{k} {got} vs {want}" for k, got, want in misshaped]
     if missing or unexpected or misshaped:
         problems = []
         if missing:

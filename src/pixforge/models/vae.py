@@ -395,15 +395,12 @@ class AutoencoderKL(nn.Module):
 
     def load_diffusers_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load diffusers-named weights strictly; old attention names (query/key/value/proj_attn) are renamed."""
+        from pixforge.models.convert import state_dict_mismatch
+
         state = rename_deprecated_attention_keys(state)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong_shape = [
-            f"{key} {tuple(state[key].shape)} (expected {tuple(own[key].shape)})"
-            for key in sorted(set(own) & set(state))
-            if state[key].shape != own[key].shape
-        ]
+        missing, unexpected, wrong_shape = state_dict_mismatch(self.state_dict(), state)
+        missing, unexpected = sorted(missing), sorted(unexpected)
+        wrong_shape = [f"{key} {got} (expected {want})" for key, got, want in sorted(wrong_shape)]
         if missing or unexpected or wrong_shape:
             parts = []
             if missing:
