@@ -242,7 +242,7 @@ def cached_text_features(cache_dir: Path, key: str, captions: list[str], encode,
     return data["ids"], data["embeds"], data["mask"], False
 
 
-def cached_latents(cache_dir: Path, key: str, dataset, encode, batch: int = 64):
+def cached_latents(cache_dir: Path, key: str, dataset, encode, batch: int = 64, progress: bool = True):
     """-> dict sample index -> latent (C, h, w) in bf16, encoded once per key (posterior mode)."""
     from safetensors.torch import load_file
 
@@ -253,16 +253,21 @@ def cached_latents(cache_dir: Path, key: str, dataset, encode, batch: int = 64):
         data = load_file(path)
         logger.info("latents from cache %s", path)
         return data, True
+    from tqdm import tqdm
+
     data = {}
     by_bucket: dict[int, list[int]] = {}
     for index, bucket in enumerate(dataset.buckets):
         by_bucket.setdefault(bucket, []).append(index)
+    bar = tqdm(total=len(dataset.buckets), desc="encoding latents (once, cached)", disable=not progress)
     for bucket, members in sorted(by_bucket.items()):
         chunks = []
         for start in range(0, len(members), batch):
             images = torch.stack([dataset[i][0] for i in members[start:start + batch]])
             chunks.append(encode(images).to(torch.bfloat16))
+            bar.update(len(images))
         data[f"bucket{bucket}"] = torch.cat(chunks)
         data[f"index{bucket}"] = torch.tensor(members, dtype=torch.int64)
+    bar.close()
     atomic_save_safetensors(data, path)
     return data, False
