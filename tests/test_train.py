@@ -88,7 +88,7 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_p
 def test_metrics_csv_has_loss_lr_grad_norm_and_throughput(tmp_path):
     train(vae_config(tmp_path, steps=3), progress=False)
     lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "step,loss,lr,grad_norm,samples_per_s,gflops_per_s,wall_s"
+    assert lines[0] == "step,loss,lr,grad_norm,samples_per_s,gflops_per_s,mfu,wall_s"
     assert len(lines) == 4 and float(lines[-1].split(",")[1]) > 0
 
 
@@ -169,7 +169,7 @@ def test_transformer_training_resumes_exactly_and_reuses_the_feature_cache(tmp_p
     import logging
 
     caplog.set_level(logging.INFO)
-    straight = train(transformer_config(tmp_path / "a", tiny_vae_folder), progress=False)
+    straight = train(transformer_config(tmp_path / "a", tiny_vae_folder, sample_every=3, log_every=1), progress=False)
     train(transformer_config(tmp_path / "b", tiny_vae_folder), stop_after=1, progress=False)
     assert "from cache" not in caplog.text  # first run encodes
     caplog.clear()
@@ -177,8 +177,14 @@ def test_transformer_training_resumes_exactly_and_reuses_the_feature_cache(tmp_p
     assert "text features from cache" in caplog.text and "latents from cache" in caplog.text
     assert straight.losses[1:] == pytest.approx(resumed.losses, abs=1e-6)
     assert_states_equal(final_state(tmp_path / "a" / "run"), final_state(tmp_path / "b" / "run"))
+    from PIL import Image
+
     from pixforge.sampling.pipeline import PixArtPipeline
 
+    grid = Image.open(tmp_path / "a" / "run" / "samples" / "step-00000003.png")
+    assert grid.size == (64 * 4, 64)  # the four fixed prompts at the training resolution
+    row = (tmp_path / "a" / "run" / "metrics.csv").read_text().splitlines()[-1].split(",")
+    assert float(row[5]) > 0 and 0 < float(row[6]) < 1  # GFLOP/s and MFU
     pipe = PixArtPipeline.from_pretrained(tmp_path / "a" / "run" / "final")
     image = pipe("a red circle", height=64, width=64, num_inference_steps=2, seed=0, progress=False).images[0]
     assert image.size == (64, 64)

@@ -68,11 +68,16 @@ class TrainConfig:
     checkpoint_every: int = 200          # steps
     checkpoint_minutes: float = 10.0     # also checkpoint when this much wall time passed
     keep_last: int = 2
+    sample_every: int = 0                # transformer: steps between sample grids (0 = never)
+    sample_prompts: tuple[str, ...] = (
+        "a red circle", "three blue squares", "a green triangle to the left of a yellow circle",
+        "a pink square on a black background",
+    )
     distributed: str = "ddp"             # ddp | fsdp (when launched with several processes)
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vae_channels", "betas"):
+        for name in ("vae_channels", "betas", "sample_prompts"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         checks = [
             (self.target in TARGETS, f"target={self.target!r}; choose {TARGETS}"),

@@ -73,3 +73,26 @@ def model_from_run(run_dir: str | Path, ema: bool = True):
     model = build_transformer(config, caption_channels)
     model.load_state_dict(weights)
     return model.eval(), state["step"]
+
+
+@torch.no_grad()
+def sample_grid(transformer, vae, encoder, config, path: Path, seed: int = 0) -> Path:
+    """One image per fixed prompt (EMA weights, 20 dpm++ steps, CFG 4.5) in a row, PNG."""
+    from PIL import Image
+
+    from pixforge.sampling.pipeline import PixArtPipeline
+
+    was_training = transformer.training
+    pipe = PixArtPipeline(transformer.eval(), vae, encoder, max_sequence_length=config.max_text_tokens)
+    images = pipe(list(config.sample_prompts), height=config.resolution, width=config.resolution,
+                  seed=seed, progress=False).images
+    transformer.train(was_training)
+    grid = Image.new("RGB", (config.resolution * len(images), config.resolution), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, (index * config.resolution, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+    return path

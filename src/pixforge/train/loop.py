@@ -260,6 +260,7 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
 
     text_features = latents = None
     null_text = None
+    sampling_parts = None
     if config.target == "transformer":
         from pixforge.models.vae import AutoencoderKL
 
@@ -283,11 +284,14 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
             null = encoder.encode([""], config.max_text_tokens)
         null_text = (null.embeds[0].float(), null.mask[0])
         caption_channels = encoder.hidden_size
-        encoder.unload()
         model = build_transformer(config, caption_channels)
         scaling = vae.config.scaling_factor
         latent_lookup = _latent_lookup(latents)
-        del vae
+        if config.sample_every and rank == 0:
+            sampling_parts = (vae, encoder)  # kept for the sample grids
+        else:
+            encoder.unload()
+            del vae
     else:
         model = VAEObjective(build_vae(config), config.kl_weight)
 
@@ -333,6 +337,12 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
         model, optimizer = accelerator.prepare(model, optimizer)
     ema_model.to(device)
     flops_per_sample = model_flops_per_sample(raw_model, config, dataset.sizes)
+    # MFU against this machine's GEMM rate in the training precision (0.5 s, measured once).
+    peak_gflops = 0.0
+    if flops_per_sample and rank == 0:
+        from pixforge.models.precision import gemm_rate
+
+        peak_gflops = gemm_rate(autocast_dtype or torch.float32, device=device.type)
 
     def save(current_step: int) -> None:
         rng = {"data_generator": data_generator.get_state()}
@@ -372,7 +382,7 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     log_file = open(log_path, "a", newline="") if rank == 0 else None
     writer = csv.writer(log_file) if log_file else None
     if writer and new_log:
-        writer.writerow(["step", "loss", "lr", "grad_norm", "samples_per_s", "gflops_per_s", "wall_s"])
+        writer.writerow(["step", "loss", "lr", "grad_norm", "samples_per_s", "gflops_per_s", "mfu", "wall_s"])
     epoch_batches = batches.epoch(epoch)
     started = time.time()
     last_checkpoint = time.time()
@@ -442,10 +452,16 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
             if writer and (step % config.log_every == 0 or step == config.steps):
                 elapsed = max(time.time() - window_start, 1e-9)
                 rate = window_samples / elapsed
+                gflops = rate * flops_per_sample / 1e9
+                mfu = gflops / peak_gflops if peak_gflops else 0.0
                 writer.writerow([step, f"{mean_loss:.6f}", f"{scheduler.get_last_lr()[0]:.3e}", f"{float(grad_norm):.4f}",
-                                 f"{rate:.2f}", f"{rate * flops_per_sample / 1e9:.2f}", f"{time.time() - started:.1f}"])
+                                 f"{rate:.2f}", f"{gflops:.2f}", f"{mfu:.3f}", f"{time.time() - started:.1f}"])
                 log_file.flush()
                 window_start, window_samples = time.time(), 0
+            if sampling_parts is not None and step % config.sample_every == 0:
+                from pixforge.train.export import sample_grid
+
+                sample_grid(ema_model, *sampling_parts, config, output_dir / "samples" / f"step-{step:08d}.png")
             interrupted = stop.requested or (stop_after is not None and steps_this_run >= stop_after)
             due = step % config.checkpoint_every == 0 or time.time() - last_checkpoint > 60 * config.checkpoint_minutes
             if due or interrupted or step == config.steps:
