@@ -44,9 +44,10 @@ def test_real_versus_real_is_far_below_a_content_shift(net, real):
 
 
 def test_fid_grows_monotonically_with_degradation_strength(net, real):
-    # Strengths are multiples of degrade.py's strength 1; below ~2 the shift is inside the
-    # sampling noise of 120 images (docs/evaluation.md).
+    # Strengths are multiples of degrade.py's strength 1. With 300 images per side FID is
+    # monotone from strength 0.5 up (docs/evaluation.md); with the 120 here, strengths below 2
+    # sit inside the sampling noise, so the test steps from 0 to 2, 4 and 8.
     first, second = real
     scores = [fid(first, [degrade.degrade(im, s, np.random.default_rng(i)) for i, im in enumerate(second)], net)
-              for s in (0.0, 4.0, 8.0)]
+              for s in (0.0, 2.0, 4.0, 8.0)]
     assert scores == sorted(scores) and scores[-1] > 2 * scores[0]
