@@ -125,7 +125,7 @@ class ImageFolderDataset:
                 self.skipped += 1
                 continue
             self.records.append((path, text))
-            self.buckets.append(nearest_bucket(width, height, sizes) if buckets else sizes.index(sizes[0]))
+            self.buckets.append(nearest_bucket(width, height, sizes) if buckets else 0)
         if not self.records:
             raise PixforgeError(f"no readable images in {self.folder}")
 
@@ -164,6 +164,14 @@ def build_dataset(data: str, resolution: int, buckets: bool, num_samples: int, p
     return ImageFolderDataset(data, sizes, buckets)
 
 
+def indices_by_bucket(buckets) -> dict[int, list[int]]:
+    """{bucket: [sample indices in it]}, buckets in ascending order."""
+    grouped: dict[int, list[int]] = {}
+    for index, bucket in enumerate(buckets):
+        grouped.setdefault(bucket, []).append(index)
+    return dict(sorted(grouped.items()))
+
+
 @dataclass(frozen=True)
 class BucketBatches:
     """Global batches of one bucket each, in an order fixed by (seed, epoch)."""
@@ -174,12 +182,8 @@ class BucketBatches:
 
     def epoch(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        by_bucket: dict[int, list[int]] = {}
-        for index, bucket in enumerate(self.buckets):
-            by_bucket.setdefault(bucket, []).append(index)
         batches = []
-        for bucket in sorted(by_bucket):
-            members = by_bucket[bucket]
+        for members in indices_by_bucket(self.buckets).values():
             order = torch.randperm(len(members), generator=generator).tolist()
             shuffled = [members[i] for i in order]
             # A short tail joins the next epoch's shuffle rather than forming a smaller batch.
@@ -189,10 +193,7 @@ class BucketBatches:
         return [batches[i] for i in order]
 
     def batches_per_epoch(self) -> int:
-        counts: dict[int, int] = {}
-        for bucket in self.buckets:
-            counts[bucket] = counts.get(bucket, 0) + 1
-        return sum(n // self.batch_size for n in counts.values())
+        return sum(len(members) // self.batch_size for members in indices_by_bucket(self.buckets).values())
 
 
 def shard(batch: list[int], rank: int, world_size: int) -> list[int]:
@@ -256,11 +257,8 @@ def cached_latents(cache_dir: Path, key: str, dataset, encode, batch: int = 64, 
     from tqdm import tqdm
 
     data = {}
-    by_bucket: dict[int, list[int]] = {}
-    for index, bucket in enumerate(dataset.buckets):
-        by_bucket.setdefault(bucket, []).append(index)
     bar = tqdm(total=len(dataset.buckets), desc="encoding latents (once, cached)", disable=not progress)
-    for bucket, members in sorted(by_bucket.items()):
+    for bucket, members in indices_by_bucket(dataset.buckets).items():
         chunks = []
         for start in range(0, len(members), batch):
             images = torch.stack([dataset[i][0] for i in members[start:start + batch]])

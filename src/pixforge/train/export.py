@@ -13,11 +13,10 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def latent_std(vae, dataset, count: int = 256, batch: int = 32) -> float:
     """Standard deviation of the posterior mode over `count` training images."""
-    by_size: dict[int, list[int]] = {}
-    for index in range(min(count, len(dataset))):
-        by_size.setdefault(dataset.buckets[index], []).append(index)
+    from pixforge.train.data import indices_by_bucket
+
     values = []
-    for members in by_size.values():
+    for members in indices_by_bucket(dataset.buckets[:count]).values():
         for start in range(0, len(members), batch):
             images = torch.stack([dataset[i][0] for i in members[start:start + batch]])
             values.append(vae.encode(images).mode().flatten())
