@@ -398,14 +398,8 @@ def load_into(model, state: dict[str, torch.Tensor], source: str = "checkpoint")
 
 def pixforge_to_diffusers_names(keys: list[str]) -> list[str]:
     """Report keys in diffusers' names (what users see in their files)."""
-    names = []
-    for key in keys:
-        module = key.rsplit(".", 1)[0].split(".", 2)[-1] if key.startswith("transformer_blocks.") else ""
-        if module in _FUSED:
-            names.extend(pixforge_to_diffusers({key: torch.zeros(len(_FUSED[module]))}).keys())
-        else:
-            names.extend(pixforge_to_diffusers({key: torch.zeros(1)}).keys())
-    return names
+    # Only the names matter: a 3-element placeholder splits into every fused part (2 or 3).
+    return list(pixforge_to_diffusers(dict.fromkeys(keys, torch.zeros(3))))
 
 
 def _presets_fitting(state: dict[str, torch.Tensor]) -> list[str]:
