@@ -362,3 +362,39 @@ def test_default_model_dir_names_the_missing_folder():
     else:
         with pytest.raises(PixforgeError, match="embedded default model is not installed.*--model"):
             P.default_model_dir()
+
+
+# --------------------------------------------------------------------------- feature caching
+def test_cache_none_and_all_compute_equal_the_plain_pipeline(pipe):
+    import numpy as np
+
+    from pixforge.accel.cache import CacheSchedule
+
+    plain = generate(pipe, seed=3).latents
+    layers = pipe.transformer.config.num_layers
+    assert torch.equal(generate(pipe, seed=3, cache="none").latents, plain)
+    schedule = CacheSchedule(np.ones((STEPS, layers, 3), bool))
+    result = generate(pipe, seed=3, cache=schedule)
+    assert torch.equal(result.latents, plain)
+    assert result.cache.macs_spent == result.cache.macs_full
+
+
+def test_cached_generation_records_the_policy_and_spends_fewer_macs(pipe):
+    result = generate(pipe, seed=3, cache="fora:2")
+    assert result.metadata[0].cache == "fora:2"
+    assert 'Cache: "fora:2"' in result.metadata[0].to_parameters()  # A1111 quotes values with ':'
+    assert GenerationInfo.from_parameters(result.metadata[0].to_parameters()).cache == "fora:2"
+    assert result.cache.macs_spent * 2 == pytest.approx(result.cache.macs_full, rel=0.2)
+    with pytest.raises(PixforgeError, match="unknown cache policy"):
+        generate(pipe, cache="sometimes")
+
+
+def test_cli_generate_with_a_cache_policy(model_dir, tmp_path):
+    out = tmp_path / "cached"
+    result = runner.invoke(app, ["generate", "a blue square", "--steps", "4", "--model", str(model_dir),
+                                 "-o", str(out), "-q", "--seed", "2", "--cache", "toca:interval=2,ratio=0.5"])
+    assert result.exit_code == 0, result.output
+    png = next(out.glob("*.png"))
+    assert read_png_parameters(png).cache == "toca:interval=2,ratio=0.5"
+    bad = runner.invoke(app, ["generate", "x", "--steps", "2", "--model", str(model_dir), "-o", str(out), "--cache", "fora:-1"])
+    assert isinstance(bad.exception, PixforgeError) and "fora interval" in str(bad.exception)

@@ -157,6 +157,7 @@ def generate_command(
     out_dir: str = typer.Option("outputs", "-o", "--out-dir", help="Folder for the PNGs (created if needed)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto (the faster one on this machine)."),
     binning: bool = typer.Option(False, "--bin/--no-bin", help="Generate at PixArt's nearest aspect-ratio bucket, resize to --size."),
+    cache: str = typer.Option("none", "--cache", help="Feature caching across steps: fora:N | delta-dit:... | toca:... | teacache:T | first-block:T | schedule.json (docs/acceleration.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate images from a prompt; write PNGs with their settings embedded (A1111 'parameters').
@@ -168,6 +169,8 @@ def generate_command(
       pixforge generate "three yellow stars" -n 4 --size 192x128 --seed 42 --steps 30 --cfg 6 -o shots
 
       pixforge generate "a cat" --model PixArt-Sigma-XL-2-512-MS --sampler euler-a --negative "blurry"
+
+      pixforge generate "two green squares" --cache fora:2
     """
     from pathlib import Path
 
@@ -179,7 +182,7 @@ def generate_command(
     result = pipe(
         prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
         guidance_scale=cfg, sampler=sampler, seed=seed, num_images_per_prompt=num_images, progress=not quiet,
-        use_resolution_binning=binning,
+        use_resolution_binning=binning, cache=cache,
     )
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -246,6 +249,15 @@ def _register_train() -> None:
 
 
 _register_train()
+
+
+def _register_serve() -> None:
+    from pixforge.serve.cli import serve_command
+
+    app.command("serve", help=serve_command.__doc__)(serve_command)
+
+
+_register_serve()
 
 
 def main() -> None:

@@ -294,13 +294,28 @@ class PixArtBlock(nn.Module):
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=self.norm_eps)
 
-    def forward(self, x, t_mod, grid_hw, text_k, text_v, text_bias) -> torch.Tensor:
-        batch, _, dim = x.shape
+    def modulation(self, t_mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, 1, D)."""
+        batch, dim = t_mod.shape[0], self.scale_shift_table.shape[-1]
         mod = self.scale_shift_table[None] + t_mod.reshape(batch, 6, dim)  # (B, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, D) each
-        x = torch.addcmul(x, gate_msa, self.attn1(modulate(self.norm(x), shift_msa, scale_msa), grid_hw))
-        x = x + self.attn2(x, text_k, text_v, text_bias)  # PixArt: no norm, no gate here
-        x = torch.addcmul(x, gate_mlp, self.ff(modulate(self.norm(x), shift_mlp, scale_mlp)))
+        return mod.chunk(6, dim=1)
+
+    # The three components, each returning its output before the adaLN gate (what feature
+    # caches store: a reused output is still gated by the current timestep).
+    def self_attention(self, x, shift, scale, grid_hw) -> torch.Tensor:
+        return self.attn1(modulate(self.norm(x), shift, scale), grid_hw)
+
+    def cross_attention(self, x, text_k, text_v, text_bias) -> torch.Tensor:
+        return self.attn2(x, text_k, text_v, text_bias)  # PixArt: no norm, no gate here
+
+    def feed_forward(self, x, shift, scale) -> torch.Tensor:
+        return self.ff(modulate(self.norm(x), shift, scale))
+
+    def forward(self, x, t_mod, grid_hw, text_k, text_v, text_bias) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_mod)
+        x = torch.addcmul(x, gate_msa, self.self_attention(x, shift_msa, scale_msa, grid_hw))
+        x = x + self.cross_attention(x, text_k, text_v, text_bias)
+        x = torch.addcmul(x, gate_mlp, self.feed_forward(x, shift_mlp, scale_mlp))
         return x
 
 
@@ -471,7 +486,10 @@ class PixArtTransformer(nn.Module):
         resolution: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
         text_context: TextContext | None = None,
+        cache=None,
     ) -> torch.Tensor:
+        """`cache`: a `pixforge.accel.cache.CacheRun` (one per generation; each call is one
+        sampling step) that decides per block and component what to compute or reuse."""
         if text_context is None:
             if text is None:
                 raise PixforgeError("pass either text embeddings or a prepared text_context")
@@ -483,8 +501,11 @@ class PixArtTransformer(nn.Module):
             )
         x, grid = self.embed(latents)
         t_mod, t_emb = self.prepare_condition(timestep, batch, resolution, aspect_ratio)
-        for block, (k, v) in zip(self.transformer_blocks, text_context.kv):
-            x = block(x, t_mod, grid, k, v, text_context.bias)
+        if cache is not None:
+            x = cache.run_blocks(self.transformer_blocks, x, t_mod, grid, text_context)
+        else:
+            for block, (k, v) in zip(self.transformer_blocks, text_context.kv):
+                x = block(x, t_mod, grid, k, v, text_context.bias)
         return self.unpatchify(x, t_emb, grid)
 
     def num_parameters(self) -> int:

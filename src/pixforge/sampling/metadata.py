@@ -41,6 +41,7 @@ class GenerationInfo:
     height: int
     model_name: str
     model_hash: str
+    cache: str = "none"  # feature-cache policy (pixforge.accel.cache spec)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +57,8 @@ class GenerationInfo:
             ("Model", self.model_name),
             ("Model hash", self.model_hash),
         ]
+        if self.cache != "none":
+            fields.append(("Cache", self.cache))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(NEGATIVE_PREFIX + self.negative_prompt)
@@ -92,6 +95,7 @@ class GenerationInfo:
             height=int(size.group(2)),
             model_name=settings.get("Model", ""),
             model_hash=settings.get("Model hash", ""),
+            cache=settings.get("Cache", "none"),
         )
 
 
@@ -115,18 +119,23 @@ def _unquote(value: str) -> str:
     return value
 
 
-def save_png(image, path: str | Path, info: GenerationInfo) -> Path:
-    """Write `image` (PIL) as a PNG carrying `info` in its `parameters` chunk, atomically."""
+def png_bytes(image, info: GenerationInfo) -> bytes:
+    """`image` (PIL) encoded as a PNG carrying `info` in its `parameters` chunk."""
     from PIL.PngImagePlugin import PngInfo
-
-    from pixforge.models.convert import atomic_write_bytes
 
     chunk = PngInfo()
     chunk.add_text(PNG_KEY, info.to_parameters())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=chunk)
+    return buffer.getvalue()
+
+
+def save_png(image, path: str | Path, info: GenerationInfo) -> Path:
+    """Write `image` (PIL) as a PNG carrying `info` in its `parameters` chunk, atomically."""
+    from pixforge.models.convert import atomic_write_bytes
+
     path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, png_bytes(image, info))
     return path
 
 
@@ -141,4 +150,4 @@ def read_png_parameters(path: str | Path) -> GenerationInfo:
     return GenerationInfo.from_parameters(text)
 
 
-__all__ = ["GenerationInfo", "save_png", "read_png_parameters", "PNG_KEY"]
+__all__ = ["GenerationInfo", "png_bytes", "save_png", "read_png_parameters", "PNG_KEY"]

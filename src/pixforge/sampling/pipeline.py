@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from pixforge.accel.cache import parse_cache_spec, policy_name
 from pixforge.errors import CheckpointError, PixforgeError
 from pixforge.models.text import (
     PIXART_ALPHA_MAX_LENGTH,
@@ -120,6 +121,7 @@ def guided_model_fn(
     latent_channels: int,
     resolution: torch.Tensor | None = None,
     aspect_ratio: torch.Tensor | None = None,
+    cache=None,
 ) -> S.ModelFn:
     """ε(x, t) for the sampler. With guidance (scale > 1) `text_context` is [uncond, cond]
     and both halves run in one forward; the learned-sigma channels are dropped first."""
@@ -128,7 +130,8 @@ def guided_model_fn(
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_input = torch.cat([x, x]) if guided else x  # (2B | B, C, h, w)
         out = transformer(
-            model_input, t, text_context=text_context, resolution=resolution, aspect_ratio=aspect_ratio
+            model_input, t, text_context=text_context, resolution=resolution, aspect_ratio=aspect_ratio,
+            cache=cache,
         )  # (2B | B, C or 2C, h, w)
         eps = S.split_learned_sigma(out.float(), latent_channels)
         if guided:
@@ -276,6 +279,7 @@ class GenerationResult:
     metadata: list[GenerationInfo]
     seeds: list[int]
     latents: torch.Tensor = field(repr=False)
+    cache: object = field(default=None, repr=False)  # the CacheRun (MACs spent, decisions), if any
 
 
 def default_model_dir() -> Path:
@@ -346,6 +350,8 @@ class PixArtPipeline:
         self._model_hash: str | None = None
         self._full_precision_state: dict[str, torch.Tensor] | None = None
         self._text_encoder_folder: Path | None = None  # MiniLM weights stored in the folder, if any
+        # TeaCache's rescaling polynomial fitted on this model (`teacache.json` in its folder).
+        self.teacache_coefficients: tuple[float, ...] | None = None
 
     # --- sizes ------------------------------------------------------------------------
     @property
@@ -428,6 +434,7 @@ class PixArtPipeline:
         use_resolution_binning: bool = False,
         max_sequence_length: int | None = None,
         free_text_encoder: bool = False,
+        cache=None,
     ) -> GenerationResult:
         """Generate images.
 
@@ -445,6 +452,9 @@ class PixArtPipeline:
         precision: 'fp32' | 'bf16' | 'auto' for the transformer (None keeps the current).
         free_text_encoder: unload the text encoder after encoding (saves memory; later
             calls then fail until a new pipeline is loaded).
+        cache: feature caching across steps — a spec ('fora:3', 'delta-dit:...', 'toca:...',
+            'teacache:0.1', 'first-block:0.05'), a schedule JSON path or dict (ours or
+            ECAD's), or a policy object; None = compute everything (see docs/acceleration.md).
         """
         # 1. Check everything before any work.
         prompts = _as_prompt_list("prompt", prompt)
@@ -486,6 +496,8 @@ class PixArtPipeline:
         max_length = self.max_sequence_length if max_sequence_length is None else max_sequence_length
         total = len(prompts) * per_prompt
         seeds, generators = self._generators(seed, generator, total)
+        policy = parse_cache_spec(cache, self.teacache_coefficients)
+        cache_run = None if policy is None else policy.start(steps, self.transformer.config.num_layers)
         if precision is not None:
             self.set_precision(precision)
 
@@ -506,7 +518,9 @@ class PixArtPipeline:
             if self.transformer.config.uses_micro_conditions:
                 batch = 2 * total if guided else total
                 resolution, aspect_ratio = micro_conditions(height, width, batch, self.device)
-            model_fn = guided_model_fn(self.transformer, context, guidance, channels, resolution, aspect_ratio)
+            model_fn = guided_model_fn(
+                self.transformer, context, guidance, channels, resolution, aspect_ratio, cache_run
+            )
 
             # 4. Denoise.
             bar = None
@@ -544,11 +558,11 @@ class PixArtPipeline:
             GenerationInfo(
                 prompt=prompts[i // per_prompt], negative_prompt=negatives[i // per_prompt], steps=steps,
                 sampler=name, cfg_scale=guidance, seed=seeds[i], width=out_width, height=out_height,
-                model_name=self.model_name, model_hash=model_hash,
+                model_name=self.model_name, model_hash=model_hash, cache=policy_name(policy),
             )
             for i in range(total)
         ]
-        return GenerationResult(images=images, metadata=metadata, seeds=seeds, latents=latents)
+        return GenerationResult(images=images, metadata=metadata, seeds=seeds, latents=latents, cache=cache_run)
 
     @staticmethod
     def _generators(seed, generator, total: int) -> tuple[list[int], torch.Generator | list[torch.Generator]]:
@@ -641,6 +655,11 @@ class PixArtPipeline:
         except PixforgeError as error:
             raise CheckpointError(f"{root}: {error}") from None
         pipe._text_encoder_folder = encoder_folder
+        coefficients = extras.get("teacache_coefficients")
+        if coefficients is not None:
+            if not (isinstance(coefficients, list) and coefficients and all(isinstance(c, (int, float)) for c in coefficients)):
+                raise CheckpointError(f"{index_path}: teacache_coefficients must be a list of numbers")
+            pipe.teacache_coefficients = tuple(float(c) for c in coefficients)
         return pipe
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -690,6 +709,8 @@ class PixArtPipeline:
             "max_sequence_length": self.max_sequence_length,
             "guidance_scale": self.guidance_scale,
         }
+        if self.teacache_coefficients is not None:
+            index["_pixforge"]["teacache_coefficients"] = list(self.teacache_coefficients)
         atomic_write_bytes(root / MODEL_INDEX, (json.dumps(index, indent=2) + "\n").encode())
         return root
 

@@ -51,6 +51,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
+    # Warmup-stable-decay: the LR falls linearly to 0 over the last `cooldown_steps` of `steps`.
+    # Not part of the run identity, so a run can be extended, then cooled down on resume.
+    cooldown_steps: int = 0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     precision: str = "fp32"              # autocast: fp32 | bf16
@@ -89,6 +92,7 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
             (self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1"),
             (self.lr > 0, f"lr={self.lr} must be > 0"),
+            (0 <= self.cooldown_steps <= self.steps, f"cooldown_steps={self.cooldown_steps} must be in [0, steps={self.steps}]"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay} must be in [0, 1)"),
             (0.0 <= self.caption_dropout <= 1.0, f"caption_dropout={self.caption_dropout} must be in [0, 1]"),
             (0.0 <= self.paraphrase <= 1.0, f"paraphrase={self.paraphrase} must be in [0, 1]"),

@@ -212,8 +212,17 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def lr_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+def lr_lambda(warmup_steps: int, total_steps: int = 0, cooldown_steps: int = 0):
+    """Linear warm-up, constant, then (WSD) a linear cool-down to 0 over the last steps."""
+    start = total_steps - cooldown_steps
+
+    def factor(step: int) -> float:
+        value = min(1.0, (step + 1) / max(1, warmup_steps))
+        if cooldown_steps > 0 and step >= start:
+            value *= max(0.0, (total_steps - step) / cooldown_steps)
+        return value
+
+    return factor
 
 
 def ema_update(ema_model, model, decay: float, step: int) -> None:
@@ -300,7 +309,7 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     if use_fsdp:
         shard_model(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.steps, config.cooldown_steps))
     schedule = ddpm_schedule()
 
     # ----------------------------------------------------------------------- resume

@@ -1,0 +1,1 @@
+"""Training-free acceleration: feature caching (cache.py) and its schedule search (ecad.py)."""

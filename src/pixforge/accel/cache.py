@@ -1,0 +1,739 @@
+"""Feature caching for DiT sampling: one schedule format, the policies that use it, exact MACs.
+
+A generation runs the transformer once per sampling step. Every block has three components
+(self-attention `attn1`, cross-attention `attn2`, feed-forward `ff`); a cache decides per
+step x block x component whether to compute it or to reuse its output from the last step it
+was computed. What is stored is the component's output *before* the adaLN gate (ECAD's
+choice), so a reused output is still gated by the current timestep.
+
+    run = parse_cache_spec("fora:3").start(steps=20, blocks=28)
+    transformer(x, t, text_context=ctx, cache=run)   # once per step; run.step advances
+
+Policies:
+- `CacheSchedule`: a static (steps, blocks, 3) compute mask, on disk as JSON (ours or ECAD's
+  published format). FORA and Δ-DiT compile to one; ECAD's search produces them.
+- `ToCa`: token-wise; full refresh every N steps, in between self-attention is reused and
+  cross-attention / MLP recompute only the top-scoring fraction of tokens.
+- `TeaCache`: adaptive; accumulates the (polynomial-rescaled) relative change of block 0's
+  timestep-modulated input and reuses every block's output-minus-input while it stays small.
+- `FirstBlockCache`: computes block 0 every step; reuses the rest when block 0's residual
+  barely changed.
+
+`block_reuse="delta"` (Δ-DiT, TeaCache, first-block) reuses a whole block as its cached
+deviation (output minus input); over a run of skipped blocks the deviations telescope to the
+run's deviation, exactly Δ-Cache. `"gated"` (ECAD, FORA) reuses components one by one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pixforge.errors import PixforgeError
+
+COMPONENTS = ("attn1", "attn2", "ff")
+BLOCK_REUSE = ("gated", "delta")
+SCHEDULE_FORMAT = "pixforge-cache-schedule"
+
+
+# ------------------------------------------------------------------------------------
+# The schedule format
+# ------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class CacheSchedule:
+    """compute[s, b, c] is True where step s computes component c of block b.
+
+    Step 0 must compute everything (nothing is cached yet). `block_reuse`: what a block with
+    no component computed does — "gated": reuse each component's output under the current
+    gates; "delta": add the block's cached output-minus-input.
+    """
+
+    compute: np.ndarray
+    name: str = "custom"
+    block_reuse: str = "gated"
+
+    def __post_init__(self):
+        compute = np.asarray(self.compute)
+        if compute.ndim != 3 or compute.shape[2] != 3 or compute.shape[0] < 1 or compute.shape[1] < 1:
+            raise PixforgeError(
+                f"cache schedule {self.name!r} has shape {compute.shape}; expected (steps, blocks, 3) "
+                f"with components {COMPONENTS}"
+            )
+        if compute.dtype != np.bool_:
+            if not np.isin(compute, (0, 1)).all():
+                raise PixforgeError(f"cache schedule {self.name!r} holds values other than true/false")
+            compute = compute.astype(bool)
+        if not compute[0].all():
+            raise PixforgeError(
+                f"cache schedule {self.name!r} reuses something at step 0; the first step must compute "
+                f"every component (nothing is cached yet)"
+            )
+        if self.block_reuse not in BLOCK_REUSE:
+            raise PixforgeError(f"block_reuse={self.block_reuse!r}; choose one of {BLOCK_REUSE}")
+        object.__setattr__(self, "compute", compute)
+
+    @property
+    def steps(self) -> int:
+        return self.compute.shape[0]
+
+    @property
+    def blocks(self) -> int:
+        return self.compute.shape[1]
+
+    @classmethod
+    def all_compute(cls, steps: int, blocks: int) -> "CacheSchedule":
+        return cls(np.ones((steps, blocks, 3), dtype=bool), name="none")
+
+    @property
+    def compute_fraction(self) -> float:
+        return float(self.compute.mean())
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, CacheSchedule) and self.block_reuse == other.block_reuse
+                and np.array_equal(self.compute, other.compute))
+
+    def start(self, steps: int, blocks: int) -> "CacheRun":
+        if (steps, blocks) != (self.steps, self.blocks):
+            raise PixforgeError(
+                f"cache schedule {self.name!r} is for {self.steps} steps x {self.blocks} blocks; this "
+                f"generation has {steps} steps x {blocks} blocks (use the schedule's step count, or a policy "
+                f"such as fora:N that adapts)"
+            )
+        return CacheRun(self, steps, blocks)
+
+    # --- JSON: ours ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": SCHEDULE_FORMAT, "version": 1, "name": self.name, "block_reuse": self.block_reuse,
+            "steps": self.steps, "blocks": self.blocks, "components": list(COMPONENTS),
+            # one string per step: per block three 0/1 digits (attn1 attn2 ff), blocks space-separated
+            "compute": [" ".join("".join("1" if c else "0" for c in block) for block in step) for step in self.compute],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "schedule") -> "CacheSchedule":
+        if "cache_schedule" in data:
+            return cls.from_ecad(data, source)
+        if data.get("format") != SCHEDULE_FORMAT:
+            raise PixforgeError(
+                f"{source}: not a cache schedule (expected \"format\": \"{SCHEDULE_FORMAT}\", or ECAD's "
+                f"{{\"cache_schedule\": ...}})"
+            )
+        try:
+            rows = data["compute"]
+            steps, blocks = int(data["steps"]), int(data["blocks"])
+            compute = np.array([[[ch == "1" for ch in block] for block in row.split()] for row in rows], dtype=object)
+            bad = [c for row in rows for c in row.replace(" ", "") if c not in "01"]
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise PixforgeError(f"{source}: malformed cache schedule ({error!r})") from error
+        if bad:
+            raise PixforgeError(f"{source}: compute strings may hold only 0, 1 and spaces, found {bad[0]!r}")
+        if len(rows) != steps or compute.ndim != 3 or compute.shape[1:] != (blocks, 3):
+            raise PixforgeError(
+                f"{source}: compute has shape {compute.shape if compute.ndim == 3 else (len(rows), '?')} but "
+                f"the header says {steps} steps x {blocks} blocks x 3 components"
+            )
+        return cls(compute.astype(bool), name=str(data.get("name", "custom")),
+                   block_reuse=str(data.get("block_reuse", "gated")))
+
+    # --- JSON: ECAD's published format --------------------------------------------------------
+    def to_ecad(self) -> dict:
+        """ECAD's file layout (`AniAggarwal/ecad` schedules): true = recompute."""
+        if self.block_reuse != "gated":
+            raise PixforgeError("ECAD's schedule format has no block-delta reuse; only gated schedules export")
+        schedule = {
+            f"{s:03d}": {str(b): {c: bool(self.compute[s, b, i]) for i, c in enumerate(COMPONENTS)}
+                         for b in range(self.blocks)}
+            for s in range(self.steps)
+        }
+        return {"cache_schedule": {"num_blocks": self.blocks, "num_inference_steps": self.steps,
+                                   "name": self.name, "schedule": schedule}}
+
+    @classmethod
+    def from_ecad(cls, data: dict, source: str = "schedule") -> "CacheSchedule":
+        try:
+            body = data["cache_schedule"]
+            steps, blocks = int(body["num_inference_steps"]), int(body["num_blocks"])
+            table = body["schedule"]
+            compute = np.ones((steps, blocks, 3), dtype=bool)
+            seen = set()
+            for step_key, step_value in table.items():
+                s = int(step_key)
+                for block_key, components in step_value.items():
+                    b = int(block_key)
+                    if not (0 <= s < steps and 0 <= b < blocks):
+                        raise PixforgeError(f"{source}: step {s} / block {b} is outside {steps} steps x {blocks} blocks")
+                    for i, name in enumerate(COMPONENTS):
+                        value = components[name]
+                        if not isinstance(value, bool):
+                            raise PixforgeError(f"{source}: step {s} block {b} {name} must be true/false, got {value!r}")
+                        compute[s, b, i] = value
+                    seen.add((s, b))
+        except PixforgeError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise PixforgeError(f"{source}: malformed ECAD cache schedule (missing or bad {error!s})") from error
+        if len(seen) != steps * blocks:
+            raise PixforgeError(f"{source}: ECAD schedule lists {len(seen)} of {steps * blocks} step/block entries")
+        return cls(compute, name=str(body.get("name", "ecad")))
+
+    def save(self, path: str | Path, ecad: bool = False) -> Path:
+        from pixforge.models.convert import atomic_write_bytes
+
+        data = self.to_ecad() if ecad else self.to_dict()
+        path = Path(path)
+        atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CacheSchedule":
+        path = Path(path)
+        if not path.is_file():
+            raise PixforgeError(f"cache schedule file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise PixforgeError(f"{path}: not valid JSON ({error})") from error
+        if not isinstance(data, dict):
+            raise PixforgeError(f"{path}: a cache schedule is a JSON object")
+        return cls.from_dict(data, source=str(path))
+
+
+# ------------------------------------------------------------------------------------
+# Policies that compile to a schedule
+# ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fora:
+    """FORA: compute everything every `interval` steps, reuse every component in between."""
+
+    interval: int = 3
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise PixforgeError(f"fora interval={self.interval!r} must be an int >= 1")
+
+    def schedule(self, steps: int, blocks: int) -> CacheSchedule:
+        compute = np.zeros((steps, blocks, 3), dtype=bool)
+        compute[:: self.interval] = True
+        return CacheSchedule(compute, name=f"fora:{self.interval}")
+
+    def start(self, steps: int, blocks: int) -> "CacheRun":
+        return CacheRun(self.schedule(steps, blocks), steps, blocks)
+
+
+@dataclass(frozen=True)
+class DeltaDiT:
+    """Δ-DiT (Δ-Cache): every `interval` steps compute everything; in between skip `blocks`
+    blocks and add back their cached deviation — the rear blocks before step `boundary`
+    (the front blocks shape the outline early), the front blocks from it on (the rear
+    blocks shape the details late). `boundary` < 1 is a fraction of the steps."""
+
+    interval: int = 2
+    boundary: float = 0.5
+    blocks: int = 0  # 0: half of the model's blocks
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise PixforgeError(f"delta-dit interval={self.interval!r} must be an int >= 1")
+        if not (isinstance(self.boundary, (int, float)) and self.boundary >= 0):
+            raise PixforgeError(f"delta-dit boundary={self.boundary!r} must be >= 0 (a step, or a fraction < 1)")
+        if not isinstance(self.blocks, int) or self.blocks < 0:
+            raise PixforgeError(f"delta-dit blocks={self.blocks!r} must be an int >= 0")
+
+    def schedule(self, steps: int, blocks: int) -> CacheSchedule:
+        skip = self.blocks or blocks // 2
+        if skip > blocks:
+            raise PixforgeError(f"delta-dit blocks={skip} but the model has {blocks} blocks")
+        boundary = round(self.boundary * steps) if self.boundary < 1 else int(self.boundary)
+        compute = np.ones((steps, blocks, 3), dtype=bool)
+        for s in range(steps):
+            if s % self.interval == 0:
+                continue
+            skipped = range(blocks - skip, blocks) if s < boundary else range(skip)
+            compute[s, list(skipped)] = False
+        name = f"delta-dit:interval={self.interval},boundary={self.boundary:g},blocks={skip}"
+        return CacheSchedule(compute, name=name, block_reuse="delta")
+
+    def start(self, steps: int, blocks: int) -> "CacheRun":
+        return CacheRun(self.schedule(steps, blocks), steps, blocks)
+
+
+# ------------------------------------------------------------------------------------
+# Online policies
+# ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToCa:
+    """Token-wise caching (ToCa). Every `interval` steps everything is computed; in between
+    self-attention is reused and cross-attention / MLP recompute the top-scoring
+    `ratio x factor` of the tokens (published PixArt defaults: interval 3, ratio 0.3,
+    x0.6 cross-attention, x1.6 MLP), the rest keep their cached outputs.
+
+    Scores, cheap by construction: cross-attention sharpness (1 - normalised entropy of the
+    attention over text, measured at refresh steps where the probabilities are computed
+    anyway), plus how many steps a token has gone stale, plus a bonus for the best token in
+    each `window` x `window` cell so recomputed tokens spread over the image. ratio >= 1
+    refreshes every token of every component: token caching off, equal to no cache.
+    """
+
+    interval: int = 3
+    ratio: float = 0.3
+    cross_factor: float = 0.6
+    mlp_factor: float = 1.6
+    staleness_weight: float = 0.5
+    window: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise PixforgeError(f"toca interval={self.interval!r} must be an int >= 1")
+        for name in ("ratio", "cross_factor", "mlp_factor", "staleness_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise PixforgeError(f"toca {name}={value!r} must be a finite number >= 0")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise PixforgeError(f"toca window={self.window!r} must be an int >= 1")
+
+    def fractions(self) -> dict[str, float]:
+        if self.ratio >= 1:
+            return {"attn1": 1.0, "attn2": 1.0, "ff": 1.0}
+        return {"attn1": 0.0, "attn2": min(1.0, self.ratio * self.cross_factor), "ff": min(1.0, self.ratio * self.mlp_factor)}
+
+    @property
+    def name(self) -> str:
+        return f"toca:interval={self.interval},ratio={self.ratio:g}"
+
+    def start(self, steps: int, blocks: int) -> "CacheRun":
+        return CacheRun(self, steps, blocks)
+
+
+# TeaCache's rescaling polynomial (numpy.polyval order, highest power first). The identity
+# until fitted: `benchmarks/teacache_fit.py` fits it on a model and writes teacache.json.
+IDENTITY_POLY = (1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class TeaCache:
+    """Adaptive step skipping (TeaCache-style): accumulate poly(rel-L1 change of block 0's
+    timestep-modulated input) since the last computed step; while the sum stays below
+    `threshold`, reuse every block as its cached deviation. The first and last steps
+    always compute."""
+
+    threshold: float = 0.1
+    coefficients: tuple[float, ...] = IDENTITY_POLY
+
+    def __post_init__(self):
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
+            raise PixforgeError(f"teacache threshold={self.threshold!r} must be a finite number >= 0")
+        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+
+    @property
+    def name(self) -> str:
+        return f"teacache:{self.threshold:g}"
+
+    def start(self, steps: int, blocks: int) -> "CacheRun":
+        return CacheRun(self, steps, blocks)
+
+
+@dataclass(frozen=True)
+class FirstBlockCache:
+    """First-block residual cache: block 0 runs every step; when its residual (output minus
+    input) changed by less than `threshold` (relative L1) since the last full step, the other
+    blocks are reused as their cached deviation."""
+
+    threshold: float = 0.05
+
+    def __post_init__(self):
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
+            raise PixforgeError(f"first-block threshold={self.threshold!r} must be a finite number >= 0")
+
+    @property
+    def name(self) -> str:
+        return f"first-block:{self.threshold:g}"
+
+    def start(self, steps: int, blocks: int) -> "CacheRun":
+        return CacheRun(self, steps, blocks)
+
+
+# ------------------------------------------------------------------------------------
+# Exact cost accounting (multiply-accumulates; FLOP counters report 2 per MAC)
+# ------------------------------------------------------------------------------------
+def component_macs(block, component: str, batch: int, queries: int, tokens: int, grid_hw, text_len: int) -> int:
+    """MACs of one component of `block` for `queries` of the `tokens` image tokens."""
+    dim = block.attn1.to_out.in_features
+    if component == "attn1":
+        attn = block.attn1
+        s = attn.kv_compress_scale
+        keys = tokens // (s * s) if s > 1 else tokens
+        macs = 4 * queries * dim * dim + 2 * queries * keys * dim  # qkv + out, QK^T + AV
+        if s > 1 and attn.kv_compress_mode == "conv":
+            macs += 2 * tokens * dim  # depthwise s x s stride-s conv over K and V
+        return batch * macs
+    if component == "attn2":
+        return batch * (2 * queries * dim * dim + 2 * queries * text_len * dim)  # q + out, scores + AV
+    if component == "ff":
+        return batch * 2 * queries * dim * block.ff.fc1.out_features
+    raise KeyError(component)
+
+
+def step_overhead_macs(transformer, batch: int, tokens: int) -> int:
+    """MACs outside the blocks in one forward: patch embedding, timestep embedding, final layer."""
+    c = transformer.config
+    dim, patch = c.inner_dim, c.patch_size
+    macs = tokens * c.in_channels * patch * patch * dim + tokens * dim * patch * patch * c.output_channels
+    macs += 256 * dim + dim * dim + dim * 6 * dim  # timestep MLP + adaLN-single linear
+    if c.uses_micro_conditions:
+        macs += 3 * (256 * (dim // 3) + (dim // 3) ** 2)  # resolution (h, w) + aspect-ratio embedders
+    return batch * macs
+
+
+def text_macs(transformer, batch: int, text_len: int) -> int:
+    """Once per generation: caption projection + every block's cross-attention K/V."""
+    c = transformer.config
+    dim = c.inner_dim
+    macs = 0 if c.caption_channels is None else text_len * (c.caption_channels * dim + dim * dim)
+    return batch * (macs + c.num_layers * text_len * 2 * dim * dim)
+
+
+def schedule_macs(transformer, schedule: CacheSchedule, height: int, width: int, text_len: int,
+                  batch: int = 1, vae_scale_factor: int = 8) -> dict[str, float]:
+    """MACs of a whole generation under a static schedule (batch = images x CFG branches)."""
+    c = transformer.config
+    grid = (height // vae_scale_factor // c.patch_size, width // vae_scale_factor // c.patch_size)
+    tokens = grid[0] * grid[1]
+    blocks = list(transformer.transformer_blocks)
+    if schedule.blocks != len(blocks):
+        raise PixforgeError(f"schedule has {schedule.blocks} blocks; the model has {len(blocks)}")
+    per = np.array([[component_macs(b, comp, batch, tokens, tokens, grid, text_len) for comp in COMPONENTS]
+                    for b in blocks], dtype=np.float64)  # (blocks, 3)
+    mask = schedule.compute.copy()
+    if schedule.block_reuse == "delta":  # a block computes all or nothing
+        mask = np.repeat(mask.any(axis=2, keepdims=True), 3, axis=2)
+    blocks_macs = float((mask * per[None]).sum())
+    full = float(per.sum()) * schedule.steps
+    fixed = step_overhead_macs(transformer, batch, tokens) * schedule.steps + text_macs(transformer, batch, text_len)
+    return {"total": blocks_macs + fixed, "no_cache": full + fixed, "ratio": (full + fixed) / (blocks_macs + fixed)}
+
+
+# ------------------------------------------------------------------------------------
+# The runtime: one CacheRun per generation
+# ------------------------------------------------------------------------------------
+def _rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+    return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
+
+
+@dataclass
+class CacheRun:
+    """State of one generation under a policy; `transformer(..., cache=run)` once per step.
+
+    After the run: `computed` counts component evaluations, `macs` the block MACs spent
+    (per component), `macs_full` what no cache would have spent, `decisions` the per-step
+    choice of online policies.
+    """
+
+    policy: object
+    steps: int
+    blocks: int
+    step: int = 0
+    outputs: dict = field(default_factory=dict)      # (block, component) -> pre-gate output
+    deltas: dict = field(default_factory=dict)       # block -> output minus input
+    macs: dict = field(default_factory=lambda: {c: 0 for c in COMPONENTS})
+    macs_full: int = 0
+    decisions: list = field(default_factory=list)
+    _signal: torch.Tensor | None = None
+    _accumulated: float = 0.0
+    _residual0: torch.Tensor | None = None
+    _scores: dict = field(default_factory=dict)      # block -> (B, N) score from the last refresh
+    _stale: dict = field(default_factory=dict)       # (block, component) -> (B, N) steps stale
+
+    @property
+    def macs_spent(self) -> int:
+        return sum(self.macs.values())
+
+    def run_blocks(self, blocks, x, t_mod, grid, text_context) -> torch.Tensor:
+        if self.step >= self.steps:
+            raise PixforgeError(f"cache run planned for {self.steps} steps was called a {self.step + 1}th time")
+        policy = self.policy
+        if isinstance(policy, CacheSchedule):
+            x = self._run_schedule(blocks, x, t_mod, grid, text_context, policy)
+        elif isinstance(policy, ToCa):
+            x = self._run_toca(blocks, x, t_mod, grid, text_context, policy)
+        elif isinstance(policy, (TeaCache, FirstBlockCache)):
+            x = self._run_adaptive(blocks, x, t_mod, grid, text_context, policy)
+        else:
+            raise PixforgeError(f"unknown cache policy {policy!r}")
+        self.step += 1
+        return x
+
+    # --- accounting ------------------------------------------------------------------------
+    def _count(self, block, component, x, queries, grid, text_context) -> None:
+        text_len = text_context.kv[0][0].shape[2]
+        self.macs[component] += component_macs(block, component, x.shape[0], queries, x.shape[1], grid, text_len)
+
+    def _count_full(self, blocks, x, grid, text_context) -> None:
+        text_len = text_context.kv[0][0].shape[2]
+        n = x.shape[1]
+        self.macs_full += sum(component_macs(b, c, x.shape[0], n, n, grid, text_len) for b in blocks for c in COMPONENTS)
+
+    # --- one block, component-wise ---------------------------------------------------------
+    def _block(self, index, block, x, t_mod, grid, k, v, bias, compute, text_context, keep_delta: bool):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(t_mod)
+        x_in = x
+        n = x.shape[1]
+        if compute[0]:
+            a1 = self.outputs[index, "attn1"] = block.self_attention(x, shift_msa, scale_msa, grid)
+            self._count(block, "attn1", x, n, grid, text_context)
+        else:
+            a1 = self.outputs[index, "attn1"]
+        x = torch.addcmul(x, gate_msa, a1)
+        if compute[1]:
+            a2 = self.outputs[index, "attn2"] = block.cross_attention(x, k, v, bias)
+            self._count(block, "attn2", x, n, grid, text_context)
+        else:
+            a2 = self.outputs[index, "attn2"]
+        x = x + a2
+        if compute[2]:
+            f = self.outputs[index, "ff"] = block.feed_forward(x, shift_mlp, scale_mlp)
+            self._count(block, "ff", x, n, grid, text_context)
+        else:
+            f = self.outputs[index, "ff"]
+        x = torch.addcmul(x, gate_mlp, f)
+        if keep_delta:
+            self.deltas[index] = x - x_in
+        return x
+
+    def _missing(self, index, what):
+        raise PixforgeError(f"cache: block {index} {what} is reused at step {self.step} but was never computed")
+
+    def _run_schedule(self, blocks, x, t_mod, grid, text_context, schedule: CacheSchedule):
+        self._count_full(blocks, x, grid, text_context)
+        delta = schedule.block_reuse == "delta"
+        for index, (block, (k, v)) in enumerate(zip(blocks, text_context.kv)):
+            compute = schedule.compute[self.step, index]
+            if delta and not compute.any():
+                cached = self.deltas.get(index)
+                if cached is None:
+                    self._missing(index, "deviation")
+                x = x + cached
+                continue
+            if delta:
+                compute = (True, True, True)
+            x = self._block(index, block, x, t_mod, grid, k, v, text_context.bias, compute, text_context, delta)
+        return x
+
+    # --- TeaCache and first-block: decide per step --------------------------------------------
+    def _run_adaptive(self, blocks, x, t_mod, grid, text_context, policy):
+        self._count_full(blocks, x, grid, text_context)
+        first, last = self.step == 0, self.step == self.steps - 1
+        full = (True, True, True)
+        bias = text_context.bias
+        if isinstance(policy, TeaCache):
+            block0 = blocks[0]
+            shift, scale = block0.modulation(t_mod)[:2]
+            signal = torch.addcmul(shift, block0.norm(x), 1 + scale)
+            if self._signal is not None:
+                change = _rel_l1(signal, self._signal)
+                self._accumulated += float(np.polyval(policy.coefficients, change))
+            self._signal = signal
+            compute = first or last or self._accumulated >= policy.threshold
+            if compute:
+                self._accumulated = 0.0
+            self.decisions.append(bool(compute))
+            start = 0
+        else:
+            k, v = text_context.kv[0]
+            x_in = x
+            x = self._block(0, blocks[0], x, t_mod, grid, k, v, bias, full, text_context, True)
+            residual = x - x_in
+            compute = first or last or self._residual0 is None or _rel_l1(residual, self._residual0) >= policy.threshold
+            if compute:
+                self._residual0 = residual
+            self.decisions.append(bool(compute))
+            start = 1
+        for index in range(start, len(blocks)):
+            if compute:
+                k, v = text_context.kv[index]
+                x = self._block(index, blocks[index], x, t_mod, grid, k, v, bias, full, text_context, True)
+            else:
+                x = x + self.deltas[index]
+        return x
+
+    # --- ToCa: token-wise --------------------------------------------------------------------
+    def _run_toca(self, blocks, x, t_mod, grid, text_context, policy: ToCa):
+        self._count_full(blocks, x, grid, text_context)
+        refresh = self.step % policy.interval == 0
+        fractions = policy.fractions()
+        bias = text_context.bias
+        n = x.shape[1]
+        for index, (block, (k, v)) in enumerate(zip(blocks, text_context.kv)):
+            if refresh:
+                x = self._toca_refresh(index, block, x, t_mod, grid, k, v, bias, text_context, fractions)
+                continue
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(t_mod)
+            if fractions["attn1"] >= 1:
+                a1 = self.outputs[index, "attn1"] = block.self_attention(x, shift_msa, scale_msa, grid)
+                self._count(block, "attn1", x, n, grid, text_context)
+            else:
+                a1 = self.outputs[index, "attn1"]
+            x = torch.addcmul(x, gate_msa, a1)
+            rows = self._select(index, "attn2", fractions["attn2"], grid, policy)
+            a2 = self._partial(index, "attn2", rows, x, lambda part: block.cross_attention(part, k, v, bias))
+            self._count(block, "attn2", x, rows.shape[1], grid, text_context)
+            x = x + a2
+            rows = self._select(index, "ff", fractions["ff"], grid, policy)
+            f = self._partial(index, "ff", rows, x, lambda part: block.feed_forward(part, shift_mlp, scale_mlp))
+            self._count(block, "ff", x, rows.shape[1], grid, text_context)
+            x = torch.addcmul(x, gate_mlp, f)
+        return x
+
+    def _toca_refresh(self, index, block, x, t_mod, grid, k, v, bias, text_context, fractions):
+        """A full step; cross-attention runs on explicit probabilities so that each token's
+        sharpness (its score until the next refresh) comes at no extra matmul."""
+        batch, n = x.shape[:2]
+        for component in ("attn2", "ff"):
+            self._stale[index, component] = torch.zeros(batch, n, device=x.device)
+        if min(fractions.values()) >= 1:
+            return self._block(index, block, x, t_mod, grid, k, v, bias, (True, True, True), text_context, False)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(t_mod)
+        a1 = self.outputs[index, "attn1"] = block.self_attention(x, shift_msa, scale_msa, grid)
+        x = torch.addcmul(x, gate_msa, a1)
+        a2, self._scores[index] = cross_attention_with_sharpness(block.attn2, x, k, v, bias)
+        self.outputs[index, "attn2"] = a2
+        x = x + a2
+        f = self.outputs[index, "ff"] = block.feed_forward(x, shift_mlp, scale_mlp)
+        x = torch.addcmul(x, gate_mlp, f)
+        for component in COMPONENTS:
+            self._count(block, component, x, n, grid, text_context)
+        return x
+
+    def _select(self, index, component, fraction, grid, policy: ToCa) -> torch.Tensor:
+        """(B, n_sel) token indices to recompute, highest score first."""
+        stale = self._stale[index, component]
+        batch, n = stale.shape
+        count = max(0, min(n, math.ceil(fraction * n - 1e-9)))
+        if count == n:
+            rows = torch.arange(n, device=stale.device).expand(batch, n)
+        else:
+            score = self._scores.get(index)
+            score = torch.zeros_like(stale) if score is None else score.clone()
+            score += policy.staleness_weight * stale / policy.interval
+            if policy.window > 1:
+                h, w = grid
+                cell = score.reshape(batch, 1, h, w)
+                peak = F.max_pool2d(cell, policy.window, stride=policy.window, ceil_mode=True)
+                peak = F.interpolate(peak, scale_factor=policy.window, mode="nearest")[:, :, :h, :w]
+                score = score + (cell >= peak).reshape(batch, n).float()
+            rows = score.topk(count, dim=1).indices
+        stale += 1
+        stale.scatter_(1, rows, 0.0)
+        return rows
+
+    def _partial(self, index, component, rows, x, fn) -> torch.Tensor:
+        """Recompute the component on `rows` only; the other tokens keep their cached output."""
+        cached = self.outputs.get((index, component))
+        if cached is None:
+            self._missing(index, component)
+        gather = rows[..., None].expand(-1, -1, x.shape[-1])
+        fresh = fn(torch.gather(x, 1, gather))
+        out = cached.scatter(1, gather, fresh.to(cached.dtype))
+        self.outputs[index, component] = out
+        return out
+
+
+def cross_attention_with_sharpness(attn, x, k, v, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """PixArt cross-attention output, and each token's sharpness over the text: 1 - its
+    attention entropy / log(text length), averaged over heads, (B, N) in [0, 1]."""
+    batch, n, dim = x.shape
+    q = attn.to_q(x).reshape(batch, n, attn.heads, dim // attn.heads).transpose(1, 2)  # (B, H, N, d)
+    if k.shape[0] != batch:
+        repeat = batch // k.shape[0]
+        k, v = k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
+        bias = None if bias is None else bias.repeat_interleave(repeat, 0)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, N, L)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(-1)
+    out = attn.to_out((probs @ v).transpose(1, 2).reshape(batch, n, dim))
+    p = probs.float()
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean(1)  # (B, N)
+    length = k.shape[2] if bias is None else (bias[:, 0, 0] > -1).sum(-1, keepdim=True).clamp_min(2)
+    return out, 1 - entropy / torch.log(torch.as_tensor(length, dtype=torch.float32, device=x.device))
+
+
+# ------------------------------------------------------------------------------------
+# Spec strings: what `--cache` and `pipe(cache=...)` accept
+# ------------------------------------------------------------------------------------
+POLICIES = {"fora": Fora, "delta-dit": DeltaDiT, "toca": ToCa, "teacache": TeaCache, "first-block": FirstBlockCache}
+# The first positional value of each policy ("fora:3" = interval 3, "teacache:0.1" = threshold 0.1).
+_POSITIONAL = {"fora": "interval", "delta-dit": "interval", "toca": "interval", "teacache": "threshold",
+               "first-block": "threshold"}
+
+CACHE_HELP = (
+    "none | fora:N | delta-dit:interval=2,boundary=0.5,blocks=K | toca:interval=3,ratio=0.3 | "
+    "teacache:THRESHOLD | first-block:THRESHOLD | path/to/schedule.json (ours or ECAD's)"
+)
+
+
+def _parse_value(policy: str, key: str, text: str):
+    try:
+        if key in ("interval", "blocks", "window"):
+            return int(text)
+        value = float(text)
+    except ValueError as error:
+        raise PixforgeError(f"cache policy {policy}: {key}={text!r} is not a number") from error
+    if not math.isfinite(value):
+        raise PixforgeError(f"cache policy {policy}: {key}={text!r} must be finite")
+    return value
+
+
+def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = None):
+    """A policy from a spec string, a schedule file path, a dict (schedule JSON), or a policy.
+
+    Returns None for no cache. Raises PixforgeError naming the problem otherwise.
+    """
+    if spec is None or isinstance(spec, (Fora, DeltaDiT, ToCa, TeaCache, FirstBlockCache, CacheSchedule)):
+        return spec
+    if isinstance(spec, dict):
+        return CacheSchedule.from_dict(spec)
+    if isinstance(spec, Path):
+        return CacheSchedule.load(spec)
+    if not isinstance(spec, str):
+        raise PixforgeError(f"cache={spec!r} is not a policy spec; use {CACHE_HELP}")
+    text = spec.strip()
+    if text.lower() in ("", "none", "off"):
+        return None
+    if text.endswith(".json") or "/" in text or Path(text).is_file():
+        return CacheSchedule.load(text)
+    name, _, args = text.partition(":")
+    name = name.strip().lower()
+    if name not in POLICIES:
+        raise PixforgeError(f"unknown cache policy {name!r}; use {CACHE_HELP}")
+    cls = POLICIES[name]
+    known = {f for f in cls.__dataclass_fields__ if f != "coefficients"}
+    kwargs = {}
+    for position, part in enumerate(p for p in args.split(",") if p.strip()):
+        key, eq, value = part.partition("=")
+        if not eq:
+            if position:
+                raise PixforgeError(f"cache policy {name}: only the first value may omit its name ({part!r})")
+            key, value = _POSITIONAL[name], key
+        key = key.strip()
+        if key not in known:
+            raise PixforgeError(f"cache policy {name} has no parameter {key!r}; it takes {', '.join(sorted(known))}")
+        kwargs[key] = _parse_value(name, key, value.strip())
+    if name == "teacache" and teacache_coefficients is not None:
+        kwargs["coefficients"] = tuple(teacache_coefficients)
+    return cls(**kwargs)
+
+
+def policy_name(policy) -> str:
+    if policy is None:
+        return "none"
+    if isinstance(policy, (Fora,)):
+        return f"fora:{policy.interval}"
+    if isinstance(policy, DeltaDiT):
+        return f"delta-dit:interval={policy.interval},boundary={policy.boundary:g},blocks={policy.blocks}"
+    return policy.name
