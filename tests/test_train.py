@@ -232,3 +232,14 @@ def test_model_from_run_returns_the_newest_checkpoints_ema_weights(tmp_path):
     assert isinstance(vae, AutoencoderKL) and step == 2
     ema = load_file(str(ckpt.latest_checkpoint(tmp_path / "run") / "ema.safetensors"))
     assert torch.equal(vae.state_dict()["decoder.conv_out.weight"], ema["vae.decoder.conv_out.weight"])
+
+
+def test_lr_warms_up_holds_then_cools_down_linearly_to_zero():
+    from pixforge.train.loop import lr_lambda
+
+    factor = lr_lambda(warmup_steps=10, total_steps=100, cooldown_steps=20)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == 1.0 and factor(79) == 1.0
+    assert factor(80) == 1.0 and factor(90) == pytest.approx(0.5) and factor(99) == pytest.approx(0.05)
+    assert lr_lambda(10)(10_000) == 1.0  # no cool-down: constant after warm-up
+    with pytest.raises(PixforgeError, match="cooldown_steps=200"):
+        TrainConfig(steps=100, cooldown_steps=200)

@@ -1,0 +1,314 @@
+"""ECAD: search per-step x per-block x per-component cache schedules with NSGA-II (pymoo).
+
+Genome: steps x blocks x 3 bits, 1 = compute (ECAD's convention). Objectives, both
+minimised: 1 - quality (compositional accuracy from the shapes checker on a calibration
+prompt set, or any callable) and the schedule's MACs relative to no cache. Paper settings
+by default: population 72, 4-point crossover p=0.9, bit-flip mutation 0.05 per bit, the
+first population seeded with FORA / Δ-DiT-style schedules plus random ones, and a
+constraint that a candidate reuses something (differs from the all-compute schedule).
+
+Every generation is checkpointed (population, objectives, ranks, RNG state, every
+evaluation so far) as JSON, so re-running the same command continues from the last
+generation and never evaluates a genome twice.
+
+    search = ScheduleSearch(evaluate, macs_ratio, steps=20, blocks=28, out_dir="runs/ecad")
+    front = search.run(generations=30)        # [(quality, macs_ratio, CacheSchedule), ...]
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pixforge.accel.cache import CacheSchedule, DeltaDiT, Fora
+from pixforge.errors import PixforgeError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "search_state.json"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    population: int = 72
+    crossover_points: int = 4
+    crossover_prob: float = 0.9
+    mutation_rate: float = 0.05  # per bit
+    random_fraction: float = 0.5  # of the first population; the rest are heuristic schedules
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.population < 4:
+            raise PixforgeError(f"population={self.population} must be >= 4")
+        if not 0 <= self.mutation_rate <= 1 or not 0 <= self.crossover_prob <= 1:
+            raise PixforgeError("mutation_rate and crossover_prob must be in [0, 1]")
+
+
+def genome_key(bits: np.ndarray) -> str:
+    return hashlib.sha1(np.packbits(bits.astype(bool)).tobytes()).hexdigest()[:16]
+
+
+def heuristic_schedules(steps: int, blocks: int) -> list[CacheSchedule]:
+    """Hand-made schedules for the first population: FORA 2..5 and gated Δ-DiT variants."""
+    out = [Fora(n).schedule(steps, blocks) for n in (2, 3, 4, 5) if n < steps]
+    for boundary in (0.3, 0.5, 0.7):
+        for skip in (blocks // 4, blocks // 2):
+            if skip:
+                s = DeltaDiT(2, boundary, skip).schedule(steps, blocks)
+                out.append(CacheSchedule(s.compute, name=s.name + ",gated"))
+    return out
+
+
+class ScheduleSearch:
+    """NSGA-II over cache schedules.
+
+    evaluate(schedules) -> qualities in [0, 1] (higher is better), batched over a list.
+    macs_ratio(schedule) -> MACs of the schedule / MACs without cache.
+    """
+
+    def __init__(
+        self,
+        evaluate: Callable[[Sequence[CacheSchedule]], Sequence[float]],
+        macs_ratio: Callable[[CacheSchedule], float],
+        steps: int,
+        blocks: int,
+        out_dir: str | Path,
+        config: SearchConfig = SearchConfig(),
+        identity: dict | None = None,
+    ):
+        self.evaluate, self.macs_ratio = evaluate, macs_ratio
+        self.steps, self.blocks, self.config = steps, blocks, config
+        self.out_dir = Path(out_dir)
+        self.identity = {"steps": steps, "blocks": blocks, **asdict(config), **(identity or {})}
+        self.cache: dict[str, tuple[float, float]] = {}  # genome key -> (quality, macs ratio)
+        self.history: list[dict] = []
+
+    # --- genome <-> schedule ---------------------------------------------------------------
+    @property
+    def n_var(self) -> int:
+        return self.steps * self.blocks * 3
+
+    def schedule(self, bits: np.ndarray, name: str = "ecad") -> CacheSchedule:
+        compute = np.asarray(bits, bool).reshape(self.steps, self.blocks, 3).copy()
+        compute[0] = True
+        return CacheSchedule(compute, name=name)
+
+    def _objectives(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X = X.astype(bool)
+        keys = [genome_key(x) for x in X]
+        todo = [(k, x) for k, x in dict(zip(keys, X)).items() if k not in self.cache]
+        if todo:
+            schedules = [self.schedule(x) for _, x in todo]
+            qualities = list(self.evaluate(schedules))
+            if len(qualities) != len(schedules):
+                raise PixforgeError(f"quality function returned {len(qualities)} values for {len(schedules)} schedules")
+            for (key, _), schedule, quality in zip(todo, schedules, qualities):
+                self.cache[key] = (float(quality), float(self.macs_ratio(schedule)))
+        F = np.array([[1.0 - self.cache[k][0], self.cache[k][1]] for k in keys])
+        reused = (~X[:, self.blocks * 3:]).sum(axis=1)
+        G = (1.0 - reused)[:, None].astype(float)  # feasible (<= 0) when something is reused
+        return F, G
+
+    # --- pymoo ------------------------------------------------------------------------------
+    def _algorithm(self, initial: np.ndarray):
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.core.problem import Problem
+        from pymoo.core.repair import Repair
+        from pymoo.operators.crossover.pntx import PointCrossover
+        from pymoo.operators.mutation.bitflip import BitflipMutation
+        from pymoo.termination.default import DefaultMultiObjectiveTermination  # noqa: F401 (pymoo import order)
+
+        first = self.blocks * 3
+
+        class FirstStepComputes(Repair):
+            def _do(self, problem, X, **kwargs):
+                X = X.copy()
+                X[:, :first] = True
+                return X
+
+        c = self.config
+        problem = Problem(n_var=self.n_var, n_obj=2, n_ieq_constr=1, xl=0, xu=1, vtype=bool)
+        algorithm = NSGA2(
+            pop_size=c.population, sampling=initial,
+            crossover=PointCrossover(n_points=c.crossover_points, prob=c.crossover_prob),
+            mutation=BitflipMutation(prob=1.0, prob_var=c.mutation_rate),
+            repair=FirstStepComputes(), eliminate_duplicates=True,
+        )
+        from pymoo.core.termination import NoTermination
+
+        algorithm.setup(problem, termination=NoTermination(), seed=c.seed)
+        return algorithm
+
+    def initial_population(self) -> np.ndarray:
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+        first = self.blocks * 3
+        seeds = {}
+        for schedule in heuristic_schedules(self.steps, self.blocks):
+            bits = schedule.compute.reshape(-1)
+            seeds.setdefault(genome_key(bits), bits)
+        n_heuristic = min(len(seeds), c.population - int(round(c.random_fraction * c.population)))
+        rows = dict(list(seeds.items())[:n_heuristic])
+        while len(rows) < c.population:
+            density = rng.uniform(0.3, 0.9)  # random schedules from sparse to dense
+            bits = rng.random(self.n_var) < density
+            bits[:first] = True
+            if bits[first:].all():
+                continue
+            rows.setdefault(genome_key(bits), bits)
+        return np.array(list(rows.values()), dtype=bool)
+
+    # --- checkpointing ----------------------------------------------------------------------------
+    def _save(self, algorithm, generation: int) -> None:
+        from pixforge.models.convert import atomic_write_bytes
+
+        pop = algorithm.pop
+        state = {
+            "identity": self.identity, "generation": generation,
+            "X": [genome.astype(int).tolist() for genome in pop.get("X").astype(bool)],
+            "rank": pop.get("rank").tolist(), "crowding": [float(v) for v in pop.get("crowding")],
+            "rng": algorithm.random_state.bit_generator.state,
+            "cache": self.cache, "history": self.history,
+        }
+        atomic_write_bytes(self.out_dir / STATE_FILE, json.dumps(state).encode())
+
+    def _resume(self, algorithm_factory):
+        path = self.out_dir / STATE_FILE
+        if not path.is_file():
+            return None, 0
+        state = json.loads(path.read_text())
+        if state["identity"] != self.identity:
+            differing = sorted(k for k in set(state["identity"]) | set(self.identity)
+                               if state["identity"].get(k) != self.identity.get(k))
+            raise PixforgeError(
+                f"{path} belongs to a different search (fields {', '.join(differing)} differ); "
+                f"use another --out folder or the same settings"
+            )
+        self.cache = {k: tuple(v) for k, v in state["cache"].items()}
+        self.history = state["history"]
+        X = np.array(state["X"], dtype=bool)
+        algorithm = algorithm_factory(X)
+        pop = algorithm.ask()  # the saved population, evaluated from the cache (no model runs)
+        F, G = self._objectives(pop.get("X"))
+        pop.set("F", F, "G", G)
+        algorithm.tell(infills=pop)
+        # Restore the exact survivors' order, ranks and crowding and the RNG: the next
+        # generation is the one the interrupted run would have made.
+        from pymoo.core.population import Population
+
+        F, G = self._objectives(X)
+        restored = Population.new(X=X, F=F, G=G)  # CV and feasibility follow from G
+        restored.set("rank", np.array(state["rank"]), "crowding", np.array(state["crowding"]))
+        algorithm.pop = restored
+        algorithm.random_state.bit_generator.state = state["rng"]
+        log.info("resumed search at generation %d (%d genomes evaluated)", state["generation"], len(self.cache))
+        return algorithm, state["generation"]
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def run(self, generations: int, progress: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run (or continue) until `generations` generations are done; return the Pareto front."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        algorithm, done = self._resume(self._algorithm)
+        if algorithm is None:
+            algorithm = self._algorithm(self.initial_population())
+        while done < generations:
+            start = time.time()
+            pop = algorithm.ask()
+            evaluated_before = len(self.cache)
+            F, G = self._objectives(pop.get("X"))
+            pop.set("F", F, "G", G)
+            algorithm.tell(infills=pop)
+            done += 1
+            front = self.front(algorithm)
+            record = {"generation": done, "evaluations": len(self.cache), "new": len(self.cache) - evaluated_before,
+                      "seconds": round(time.time() - start, 2), "front": [(p["quality"], p["macs_ratio"]) for p in front]}
+            self.history.append(record)
+            self._save(algorithm, done)
+            if progress is not None:
+                progress(record)
+        self.algorithm = algorithm
+        return self.front(algorithm)
+
+    def front(self, algorithm=None) -> list[dict]:
+        """Non-dominated feasible points of the current population, cheapest first."""
+        algorithm = algorithm or self.algorithm
+        pop = algorithm.pop
+        X, F, G = pop.get("X").astype(bool), pop.get("F"), pop.get("G")
+        points = {}
+        for x, f, g in zip(X, F, G):
+            if g[0] > 0:
+                continue
+            dominated = any((o[0] <= f[0] and o[1] <= f[1] and (o[0] < f[0] or o[1] < f[1])) for o in F)
+            if not dominated:
+                points.setdefault(genome_key(x), (x, f))
+        out = []
+        for key, (x, f) in sorted(points.items(), key=lambda kv: kv[1][1][1]):
+            quality, ratio = 1.0 - float(f[0]), float(f[1])
+            out.append({"quality": quality, "macs_ratio": ratio, "speedup_macs": 1.0 / ratio,
+                        "schedule": self.schedule(x, name=f"ecad-{key}")})
+        return out
+
+    def write_front(self, front: list[dict]) -> Path:
+        """pareto.json (every point with its schedule) + one schedule file per point."""
+        from pixforge.models.convert import atomic_write_bytes
+
+        folder = self.out_dir / "front"
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for i, point in enumerate(front):
+            path = point["schedule"].save(folder / f"{i:02d}-q{point['quality']:.3f}-x{point['speedup_macs']:.2f}.json")
+            entries.append({"quality": point["quality"], "macs_ratio": point["macs_ratio"],
+                            "speedup_macs": point["speedup_macs"], "file": str(path.relative_to(self.out_dir)),
+                            "schedule": point["schedule"].to_dict()})
+        out = self.out_dir / "pareto.json"
+        atomic_write_bytes(out, json.dumps({"identity": self.identity, "front": entries}, indent=1).encode())
+        return out
+
+
+def plot_front(front: list[dict], baselines: dict[str, tuple[float, float]], path: str | Path) -> Path:
+    """Quality vs MACs (relative to no cache) of the front, with hand-made policies overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["macs_ratio"] for p in front], [p["quality"] for p in front], "o-", label="ECAD Pareto front")
+    for name, (quality, ratio) in baselines.items():
+        ax.scatter([ratio], [quality], marker="s")
+        ax.annotate(name, (ratio, quality), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("MACs relative to no cache")
+    ax.set_ylabel("quality (compositional accuracy)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def shapes_quality(pipe, n_prompts: int = 32, split: str = "validation", steps: int = 20, cfg: float | None = None,
+                   height: int | None = None, width: int | None = None, seed: int = 0):
+    """A quality function: compositional accuracy of the shapes checker on `n_prompts` prompts
+    of a split (validation = calibration; the benchmark scores on the test split)."""
+    from pixforge.eval.shapes import check
+    from pixforge.shapes.world import WorldConfig, sample
+
+    items = [sample(seed + i, split, WorldConfig()) for i in range(n_prompts)]
+
+    def evaluate(schedules: Sequence[CacheSchedule]) -> list[float]:
+        scores = []
+        for schedule in schedules:
+            result = pipe([item.caption for item in items], num_inference_steps=steps, guidance_scale=cfg,
+                          height=height, width=width, seed=seed, progress=False, cache=schedule)
+            scores.append(sum(check(image, item.caption).passed for image, item in zip(result.images, items)) / len(items))
+        return scores
+
+    return evaluate

