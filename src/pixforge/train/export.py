@@ -95,3 +95,55 @@ def sample_grid(transformer, vae, encoder, config, path: Path, seed: int = 0) ->
     grid.save(tmp)
     tmp.replace(path)
     return path
+
+
+@torch.no_grad()
+def package_pipeline(run_dir: str | Path, destination: str | Path, dtype: torch.dtype = torch.float16,
+                     name: str | None = None, guidance_scale: float | None = None) -> Path:
+    """A shippable pipeline folder from a transformer run: its newest checkpoint's EMA weights
+    and the VAE it was trained on, stored in `dtype` (fp16 by default: 10 mantissa bits, and
+    these weights are far inside its range); they load back into float32 modules."""
+    from pixforge.models.vae import AutoencoderKL
+    from pixforge.sampling.pipeline import PixArtPipeline
+    from pixforge.train import checkpoint as ckpt
+    from pixforge.train.config import TrainConfig
+    from pixforge.train.loop import build_text_encoder
+
+    transformer, step = model_from_run(run_dir)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))[2]
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["full_config"].items()})
+    if config.target != "transformer":
+        from pixforge.errors import PixforgeError
+
+        raise PixforgeError(f"{run_dir} trains a {config.target}; package a transformer run")
+    encoder = build_text_encoder(config.text_encoder, config.max_text_tokens)
+    vae = AutoencoderKL.from_pretrained(config.vae)
+    pipe = PixArtPipeline(
+        transformer.to(dtype), vae.to(dtype), encoder, max_sequence_length=config.max_text_tokens,
+        model_name=name or f"{Path(config.output_dir).name}-step{step}",
+    )
+    if guidance_scale is not None:
+        pipe.guidance_scale = guidance_scale
+    folder = pipe.save_pretrained(destination)
+    logger.info("packaged step %d of %s into %s (%s)", step, run_dir, folder, dtype)
+    return folder
+
+
+def main() -> None:
+    """python -m pixforge.train.export RUN DEST [--dtype fp16|bf16|fp32] [--name N] [--cfg G]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=package_pipeline.__doc__)
+    parser.add_argument("run")
+    parser.add_argument("destination")
+    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--cfg", type=float, default=None, help="default guidance scale stored with the model")
+    args = parser.parse_args()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(package_pipeline(args.run, args.destination, dtype, args.name, args.cfg))
+
+
+if __name__ == "__main__":
+    main()

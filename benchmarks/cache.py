@@ -1,0 +1,124 @@
+"""Feature caching on a model: MACs ratio, wall ratio and compositional accuracy per policy.
+
+    python benchmarks/cache.py                                   # the embedded default model
+    python benchmarks/cache.py --model DIR --prompts 300 --repeats 3 --ecad runs/ecad/pareto.json
+
+Policies: no cache, FORA 2/3, Δ-DiT, ToCa, TeaCache at several thresholds, first-block,
+and up to 3 ECAD Pareto points (--ecad). MACs come from the run's own accounting (exact,
+checked against torch's FLOP counter in tests) plus the per-step and text overheads;
+wall time is the median of --repeats interleaved runs of one generation (1 image, the
+same seed, every policy in turn, so machine noise hits all alike); accuracy is the shapes
+checker on --prompts test-split prompts (held aside from the validation split that ECAD's
+search calibrates on). Prints a table; writes JSON and a plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pixforge.accel.cache import CacheSchedule, parse_cache_spec, step_overhead_macs, text_macs
+from pixforge.eval.bench import interleaved, median_range
+from pixforge.eval.shapes import check
+from pixforge.sampling.pipeline import load_pipeline
+from pixforge.shapes.world import WorldConfig, sample
+
+HAND_MADE = ["fora:2", "fora:3", "delta-dit:interval=2,boundary=0.5", "toca:interval=3,ratio=0.3",
+             "teacache:0.05", "teacache:0.1", "teacache:0.2", "first-block:0.1"]
+
+
+def generation_macs(pipe, result, batch: int) -> tuple[float, float]:
+    """(spent, no-cache) MACs of one generation: blocks as run + per-step and text overheads."""
+    run = result.cache
+    size = result.latents.shape[-2:]
+    tokens = (size[0] // pipe.transformer.config.patch_size) * (size[1] // pipe.transformer.config.patch_size)
+    fixed = step_overhead_macs(pipe.transformer, batch, tokens) * run.steps
+    fixed += text_macs(pipe.transformer, batch, pipe.max_sequence_length)
+    return run.macs_spent + fixed, run.macs_full + fixed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--prompts", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ecad", default=None, help="pareto.json of `pixforge search-cache`; 3 points are benchmarked")
+    parser.add_argument("--policies", default=";".join(["none", *HAND_MADE]), help="';'-separated cache specs")
+    parser.add_argument("--batch", type=int, default=25, help="images per accuracy generation call")
+    parser.add_argument("--out", default="benchmarks/results/cache.json")
+    parser.add_argument("--plot", default="docs/img/cache.png")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    pipe = load_pipeline(args.model)
+    blocks = pipe.transformer.config.num_layers
+    policies: dict[str, object] = {}
+    for spec in args.policies.split(";"):
+        policies[spec] = parse_cache_spec(spec, pipe.teacache_coefficients)
+    if args.ecad:
+        front = json.loads(Path(args.ecad).read_text())["front"]
+        picks = sorted({0, len(front) // 2, len(front) - 1}) if len(front) > 3 else range(len(front))
+        for i in picks:
+            point = front[i]
+            policies[f"ecad x{point['speedup_macs']:.2f}"] = CacheSchedule.from_dict(point["schedule"])
+
+    guided = pipe.guidance_scale > 1
+    batch = 2 if guided else 1
+    items = [sample(i, "test", WorldConfig(paraphrase=(i % 3 == 2))) for i in range(args.prompts)]
+
+    def one(policy):
+        return lambda: pipe(items[0].caption, num_inference_steps=args.steps, seed=0, progress=False, cache=policy)
+
+    print(f"model {args.model or 'embedded default'}; {args.steps} steps; wall: median of {args.repeats}")
+    walls = interleaved({name: one(policy) for name, policy in policies.items()}, args.repeats)
+    rows = []
+    base_wall = float(np.median(walls["none"]))
+    for name, policy in policies.items():
+        result = one(policy)() if policy is not None else pipe(items[0].caption, num_inference_steps=args.steps,
+                                                               seed=0, progress=False, cache="fora:1")
+        spent, full = generation_macs(pipe, result, batch)
+        passed, start = 0, time.time()
+        for first in range(0, len(items), args.batch):
+            chunk = items[first:first + args.batch]
+            out = pipe([it.caption for it in chunk], num_inference_steps=args.steps, seed=first, progress=False,
+                       cache=policy)
+            passed += sum(check(image, it.caption).passed for image, it in zip(out.images, chunk))
+        rows.append({
+            "policy": name, "macs_ratio": full / spent, "wall_ratio": base_wall / float(np.median(walls[name])),
+            "wall_s": median_range(walls[name]), "accuracy": passed / len(items), "n": len(items),
+            "eval_seconds": round(time.time() - start, 1),
+        })
+        r = rows[-1]
+        print(f"{name:<38} MACs x{r['macs_ratio']:5.2f}  wall x{r['wall_ratio']:5.2f} ({r['wall_s']} s)  "
+              f"accuracy {100 * r['accuracy']:5.1f}%", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"steps": args.steps, "repeats": args.repeats, "blocks": blocks,
+                                          "rows": rows}, indent=1))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in rows:
+            marker = "o" if r["policy"].startswith("ecad") else "s"
+            ax.scatter([1 / r["macs_ratio"]], [100 * r["accuracy"]], marker=marker)
+            ax.annotate(r["policy"].split(",")[0], (1 / r["macs_ratio"], 100 * r["accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("MACs relative to no cache")
+        ax.set_ylabel(f"compositional accuracy, % of {args.prompts}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
