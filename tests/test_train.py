@@ -243,3 +243,31 @@ def test_lr_warms_up_holds_then_cools_down_linearly_to_zero():
     assert lr_lambda(10)(10_000) == 1.0  # no cool-down: constant after warm-up
     with pytest.raises(PixforgeError, match="cooldown_steps=200"):
         TrainConfig(steps=100, cooldown_steps=200)
+
+
+def test_decoder_only_fine_tuning_keeps_encoder_and_scaling_factor(tmp_path):
+    from pixforge.models.vae import AutoencoderKL
+
+    train(vae_config(tmp_path, steps=2), progress=False)
+    base = tmp_path / "run" / "final" / "vae"
+    before = AutoencoderKL.from_pretrained(base)
+    tuned_config = vae_config(tmp_path, steps=3, vae_init=str(base), freeze_encoder=True, background_prob=0.8,
+                              lr=1e-2).replace(output_dir=str(tmp_path / "tuned"))
+    train(tuned_config, progress=False)
+    after = AutoencoderKL.from_pretrained(tmp_path / "tuned" / "final" / "vae")
+    assert after.config.scaling_factor == before.config.scaling_factor
+    for name, value in before.state_dict().items():
+        same = torch.equal(value, after.state_dict()[name])
+        assert same if name.startswith(("encoder.", "quant_conv.")) else True
+    assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
+    with pytest.raises(PixforgeError, match="vae_channels"):
+        train(tuned_config.replace(vae_channels=(8, 8, 16, 32), output_dir=str(tmp_path / "bad")), progress=False)
+
+
+def test_new_identity_fields_default_when_resuming_older_checkpoints():
+    from pixforge.train.config import differing_fields
+
+    current = TrainConfig(vae="v")
+    saved = {k: v for k, v in current.identity().items() if k not in ("background_prob", "vae_init")}
+    assert differing_fields(saved, current.identity()) == []
+    assert differing_fields(saved, current.replace(background_prob=0.5).identity()) == ["background_prob"]

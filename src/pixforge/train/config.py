@@ -21,6 +21,7 @@ _RUN_IDENTITY = (
     "buckets", "crop_size", "num_samples", "paraphrase", "batch_size", "grad_accum", "lr", "weight_decay",
     "betas", "warmup_steps", "grad_clip", "ema_decay", "learned_sigma_loss", "timestep_sampling",
     "loss_weighting", "min_snr_gamma", "caption_dropout", "precision", "seed", "kl_weight", "distributed",
+    "background_prob", "vae_init", "freeze_encoder",
 )
 
 
@@ -37,10 +38,13 @@ class TrainConfig:
     resolution: int = 128                # square side; buckets keep about this area
     buckets: bool = True                 # multi-aspect buckets (every batch one size)
     crop_size: int = 0                   # vae: random square crops of this side (0 = whole image)
+    background_prob: float = 0.0         # shapes world: chance a non-background scene also names a background
     # --- model ----------------------------------------------------------------------
     model: str = "shapes-10m"            # transformer preset name or checkpoint path
     vae: str = ""                        # transformer: trained VAE folder (latents come from it)
     vae_channels: tuple[int, ...] = (32, 64, 128, 128)  # vae: block_out_channels (f8 with 4 blocks)
+    vae_init: str = ""                   # vae: start from this trained VAE folder
+    freeze_encoder: bool = False         # vae: train the decoder only (latents stay valid)
     text_encoder: str = "minilm"         # "minilm" or a T5 folder
     max_text_tokens: int = 24
     # --- optimisation ---------------------------------------------------------------
@@ -96,6 +100,8 @@ class TrainConfig:
             (0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay} must be in [0, 1)"),
             (0.0 <= self.caption_dropout <= 1.0, f"caption_dropout={self.caption_dropout} must be in [0, 1]"),
             (0.0 <= self.paraphrase <= 1.0, f"paraphrase={self.paraphrase} must be in [0, 1]"),
+            (0.0 <= self.background_prob <= 1.0, f"background_prob={self.background_prob} must be in [0, 1]"),
+            (not self.freeze_encoder or bool(self.vae_init), "freeze_encoder needs vae_init (a trained VAE to keep the encoder of)"),
             (self.resolution % 16 == 0 and self.resolution >= 32, f"resolution={self.resolution} must be a multiple of 16, >= 32"),
             (self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1"),
             (self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1"),
@@ -145,4 +151,7 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def differing_fields(saved: dict, current: dict) -> list[str]:
-    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    """Identity fields that differ; a field newer than the checkpoint counts as its default."""
+    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+                for f in dataclasses.fields(TrainConfig)}
+    return sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))

@@ -62,20 +62,21 @@ class ShapesDataset:
     """`num_samples` samples of the shapes world's split; sample i has a fixed bucket and caption."""
 
     def __init__(self, num_samples: int, sizes: list[tuple[int, int]], split: str = "train",
-                 paraphrase: float = 0.0, seed: int = 0):
+                 paraphrase: float = 0.0, seed: int = 0, background_prob: float = 0.0):
         from pixforge.shapes.world import WorldConfig
 
         self.num_samples, self.sizes, self.split = num_samples, sizes, split
-        self.paraphrase, self.seed = paraphrase, seed
+        self.paraphrase, self.seed, self.background_prob = paraphrase, seed, background_prob
         self.worlds = {
-            (size, para): WorldConfig(canvas_sizes=(size,), paraphrase=para, seed=seed)
+            (size, para): WorldConfig(canvas_sizes=(size,), paraphrase=para, seed=seed, background_prob=background_prob)
             for size in sizes for para in (False, True)
         }
         self.buckets = [i % len(sizes) for i in range(num_samples)]
         self.skipped = 0
 
     def fingerprint(self) -> str:
-        return f"shapes:{self.split}:{self.num_samples}:{self.sizes}:{self.paraphrase}:{self.seed}"
+        extra = f":bg{self.background_prob}" if self.background_prob else ""  # old keys stay valid
+        return f"shapes:{self.split}:{self.num_samples}:{self.sizes}:{self.paraphrase}:{self.seed}{extra}"
 
     def _is_paraphrased(self, index: int) -> bool:
         # A fixed, well-mixed fraction of indices (golden-ratio sequence).
@@ -157,10 +158,11 @@ class ImageFolderDataset:
         return len(self.records)
 
 
-def build_dataset(data: str, resolution: int, buckets: bool, num_samples: int, paraphrase: float, seed: int):
+def build_dataset(data: str, resolution: int, buckets: bool, num_samples: int, paraphrase: float, seed: int,
+                  background_prob: float = 0.0):
     sizes = bucket_sizes(resolution) if buckets else [(resolution, resolution)]
     if data == "shapes":
-        return ShapesDataset(num_samples, sizes, paraphrase=paraphrase, seed=seed)
+        return ShapesDataset(num_samples, sizes, paraphrase=paraphrase, seed=seed, background_prob=background_prob)
     return ImageFolderDataset(data, sizes, buckets)
 
 

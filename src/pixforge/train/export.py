@@ -23,10 +23,11 @@ def latent_std(vae, dataset, count: int = 256, batch: int = 32) -> float:
     return torch.cat(values).float().std().item()
 
 
-def export_vae(vae, folder: Path, dataset) -> None:
-    """Save with scaling_factor = 1 / std(latents), as Stable Diffusion chose 0.18215."""
+def export_vae(vae, folder: Path, dataset, keep_scaling: bool = False) -> None:
+    """Save with scaling_factor = 1 / std(latents), as Stable Diffusion chose 0.18215
+    (`keep_scaling`: keep the VAE's own, for a decoder fine-tuned on a frozen encoder)."""
     vae = vae.float().eval()
-    std = latent_std(vae, dataset)
+    std = 1.0 / vae.config.scaling_factor if keep_scaling else latent_std(vae, dataset)
     vae.config = dataclasses.replace(vae.config, scaling_factor=round(1.0 / std, 5))
     vae.save_pretrained(folder)
     logger.info("VAE saved to %s (latent std %.4f, scaling_factor %.5f)", folder, std, 1.0 / std)
@@ -65,7 +66,7 @@ def model_from_run(run_dir: str | Path, ema: bool = True):
     config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["full_config"].items()})
     weights = tensors["ema" if ema else "model"]
     if config.target == "vae":
-        model = VAEObjective(build_vae(config), config.kl_weight)
+        model = VAEObjective(build_vae(config), config.kl_weight, config.freeze_encoder)
         model.load_state_dict(weights)
         return model.vae.eval(), state["step"]
     caption_channels = weights["caption_projection.linear_1.weight"].shape[1]
@@ -99,10 +100,11 @@ def sample_grid(transformer, vae, encoder, config, path: Path, seed: int = 0) ->
 
 @torch.no_grad()
 def package_pipeline(run_dir: str | Path, destination: str | Path, dtype: torch.dtype = torch.float16,
-                     name: str | None = None, guidance_scale: float | None = None) -> Path:
+                     name: str | None = None, guidance_scale: float | None = None, vae: str | None = None) -> Path:
     """A shippable pipeline folder from a transformer run: its newest checkpoint's EMA weights
     and the VAE it was trained on, stored in `dtype` (fp16 by default: 10 mantissa bits, and
-    these weights are far inside its range); they load back into float32 modules."""
+    these weights are far inside its range); they load back into float32 modules. `vae`
+    replaces the run's VAE folder (a decoder fine-tuned on the same frozen encoder)."""
     from pixforge.models.vae import AutoencoderKL
     from pixforge.sampling.pipeline import PixArtPipeline
     from pixforge.train import checkpoint as ckpt
@@ -117,7 +119,7 @@ def package_pipeline(run_dir: str | Path, destination: str | Path, dtype: torch.
 
         raise PixforgeError(f"{run_dir} trains a {config.target}; package a transformer run")
     encoder = build_text_encoder(config.text_encoder, config.max_text_tokens)
-    vae = AutoencoderKL.from_pretrained(config.vae)
+    vae = AutoencoderKL.from_pretrained(vae or config.vae)
     pipe = PixArtPipeline(
         transformer.to(dtype), vae.to(dtype), encoder, max_sequence_length=config.max_text_tokens,
         model_name=name or f"{Path(config.output_dir).name}-step{step}",
@@ -139,10 +141,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--name", default=None)
     parser.add_argument("--cfg", type=float, default=None, help="default guidance scale stored with the model")
+    parser.add_argument("--vae", default=None, help="VAE folder to ship instead of the run's (same latents)")
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(package_pipeline(args.run, args.destination, dtype, args.name, args.cfg))
+    print(package_pipeline(args.run, args.destination, dtype, args.name, args.cfg, args.vae))
 
 
 if __name__ == "__main__":

@@ -130,12 +130,20 @@ class VAEObjective(torch.nn.Module):
     colours far better than samples at this budget), + a small KL to keep latents tame.
     """
 
-    def __init__(self, vae, kl_weight: float):
+    def __init__(self, vae, kl_weight: float, freeze_encoder: bool = False):
         super().__init__()
         self.vae = vae
         self.kl_weight = kl_weight
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:  # decoder-only fine-tuning: the latents (and a transformer on them) stay valid
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.freeze_encoder:
+            with torch.no_grad():
+                posterior = self.vae.encode(images)
+            return F.l1_loss(recon := self.vae.decode(posterior.mode()), images) + F.mse_loss(recon, images)
         posterior = self.vae.encode(images)
         recon = self.vae.decode(posterior.mode())
         kl = 0.5 * (posterior.mean**2 + posterior.logvar.exp() - 1 - posterior.logvar).mean()
@@ -173,6 +181,14 @@ def build_vae(config: TrainConfig):
         sample_size=config.resolution,
         scaling_factor=1.0,
     )
+    if config.vae_init:  # continue from a trained VAE (e.g. decoder-only fine-tuning)
+        vae = AutoencoderKL.from_pretrained(config.vae_init)
+        if tuple(vae.config.block_out_channels) != tuple(channels):
+            raise PixforgeError(
+                f"vae_init {config.vae_init} has channels {tuple(vae.config.block_out_channels)} but "
+                f"vae_channels={tuple(channels)}; set vae_channels to match"
+            )
+        return vae.train()
     torch.manual_seed(config.seed)
     return AutoencoderKL(vae_config).train()
 
@@ -262,7 +278,8 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     output_dir.mkdir(parents=True, exist_ok=True)
     autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
 
-    dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase, config.seed)
+    dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase,
+                            config.seed, config.background_prob)
     batches = BucketBatches(tuple(dataset.buckets), config.batch_size * config.grad_accum, config.seed)
     if batches.batches_per_epoch() == 0:
         raise PixforgeError(f"no full batch of {config.batch_size * config.grad_accum} fits any bucket of the data")
@@ -302,13 +319,13 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
             encoder.unload()
             del vae
     else:
-        model = VAEObjective(build_vae(config), config.kl_weight)
+        model = VAEObjective(build_vae(config), config.kl_weight, config.freeze_encoder)
 
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     use_fsdp = world > 1 and config.distributed == "fsdp"
     if use_fsdp:
         shard_model(model, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.steps, config.cooldown_steps))
     schedule = ddpm_schedule()
 
@@ -566,7 +583,9 @@ def export_final(config: TrainConfig, model, ema_model, output_dir: Path, datase
     from pixforge.train.export import export_transformer, export_vae
 
     if config.target == "vae":
-        export_vae(ema_model.vae, output_dir / "final" / "vae", dataset)
+        # A frozen encoder gives the same latents: keep their scaling factor, so a transformer
+        # trained on the initial VAE's latents works with the fine-tuned decoder unchanged.
+        export_vae(ema_model.vae, output_dir / "final" / "vae", dataset, keep_scaling=config.freeze_encoder)
     else:
         export_transformer(ema_model, config, output_dir / "final")
     (output_dir / "final" / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
