@@ -34,7 +34,9 @@ def load(path: str, max_text_tokens: int):
         config = load_checkpoint(latest_checkpoint(path))[2]["full_config"]
         vae = AutoencoderKL.from_pretrained(config["vae"])
         encoder = MiniLMTextEncoder.from_package(default_max_length=config["max_text_tokens"])
-        return PixArtPipeline(transformer, vae, encoder, max_sequence_length=config["max_text_tokens"]), step
+        pipe = PixArtPipeline(transformer, vae, encoder, max_sequence_length=config["max_text_tokens"])
+        pipe.prediction_type = config.get("prediction_type", "epsilon")
+        return pipe, step
     return PixArtPipeline.from_pretrained(path), None
 
 

@@ -398,3 +398,28 @@ def test_cli_generate_with_a_cache_policy(model_dir, tmp_path):
     assert read_png_parameters(png).cache == "toca:interval=2,ratio=0.5"
     bad = runner.invoke(app, ["generate", "x", "--steps", "2", "--model", str(model_dir), "-o", str(out), "--cache", "fora:-1"])
     assert isinstance(bad.exception, PixforgeError) and "fora interval" in str(bad.exception)
+
+
+def test_a_v_prediction_model_folder_round_trips_and_converts_to_eps(tmp_path):
+    from pixforge.sampling import samplers as S
+
+    pipe = build_pipeline()
+    pipe.prediction_type = "v_prediction"
+    folder = pipe.save_pretrained(tmp_path / "v")
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    loaded = PixArtPipeline.from_pretrained(folder)
+    assert loaded.prediction_type == "v_prediction"
+
+    class Fixed(torch.nn.Module):  # a "transformer" whose raw output is a fixed v
+        def forward(self, x, t, **kwargs):
+            return torch.full_like(x, 0.3)
+
+    fn = P.guided_model_fn(Fixed(), None, 1.0, 4, prediction_type="v_prediction")
+    x = torch.randn(1, 4, 4, 4)
+    t = torch.tensor(500)
+    torch.testing.assert_close(fn(x, t), S.v_to_eps(torch.full_like(x, 0.3), x, t, S.noise_schedule()))
+    bad = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    bad["prediction_type"] = "sample"
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="prediction_type='sample'"):
+        PixArtPipeline.from_pretrained(folder)

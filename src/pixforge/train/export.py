@@ -46,6 +46,7 @@ def export_transformer(model, config, folder: Path) -> None:
         model.float().eval(), AutoencoderKL.from_pretrained(config.vae), encoder,
         max_sequence_length=config.max_text_tokens, model_name=Path(config.output_dir).name,
     )
+    pipe.prediction_type = config.prediction_type
     pipe.save_pretrained(folder)
 
 
@@ -84,6 +85,7 @@ def sample_grid(transformer, vae, encoder, config, path: Path, seed: int = 0) ->
 
     was_training = transformer.training
     pipe = PixArtPipeline(transformer.eval(), vae, encoder, max_sequence_length=config.max_text_tokens)
+    pipe.prediction_type = config.prediction_type
     images = pipe(list(config.sample_prompts), height=config.resolution, width=config.resolution,
                   seed=seed, progress=False).images
     transformer.train(was_training)
@@ -124,6 +126,7 @@ def package_pipeline(run_dir: str | Path, destination: str | Path, dtype: torch.
         transformer.to(dtype), vae.to(dtype), encoder, max_sequence_length=config.max_text_tokens,
         model_name=name or f"{Path(config.output_dir).name}-step{step}",
     )
+    pipe.prediction_type = config.prediction_type
     if guidance_scale is not None:
         pipe.guidance_scale = guidance_scale
     folder = pipe.save_pretrained(destination)

@@ -107,16 +107,23 @@ def sample_timesteps(batch: int, how: str, generator: torch.Generator, num_train
 
 
 def diffusion_loss(model, schedule, x0, text, mask, t, noise, config: TrainConfig):
-    """ε-MSE (optionally min-SNR weighted) + learned-variance VLB; per-sample mean."""
+    """ε- or v-MSE (optionally min-SNR weighted) + learned-variance VLB; per-sample mean."""
     alpha_bar = _gather(schedule["alphas_cumprod"], t, x0.ndim)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
     out = model(x_t, t, text, mask).float()
     channels = x0.shape[1]
-    eps_pred = out[:, :channels]
-    mse = ((eps_pred - noise) ** 2).mean(dim=(1, 2, 3))
+    pred = out[:, :channels]
+    if config.prediction_type == "v_prediction":
+        target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # v
+        eps_pred = (1 - alpha_bar).sqrt() * x_t.float() + alpha_bar.sqrt() * pred
+    else:
+        target, eps_pred = noise, pred
+    mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     if config.loss_weighting == "min-snr":
         snr = (alpha_bar / (1 - alpha_bar)).flatten()
-        mse = mse * torch.clamp(snr, max=config.min_snr_gamma) / snr
+        # Min-SNR-γ (Hang et al.): min(snr, γ)/snr for ε, min(snr, γ)/(snr + 1) for v.
+        denominator = snr + 1 if config.prediction_type == "v_prediction" else snr
+        mse = mse * torch.clamp(snr, max=config.min_snr_gamma) / denominator
     loss = mse
     if config.learned_sigma_loss and out.shape[1] == 2 * channels:
         loss = loss + vlb_term(schedule, x0.float(), x_t.float(), t, eps_pred, out[:, channels:])
@@ -226,6 +233,10 @@ def threading_main() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+# torch.compile backend for `compile = true` (tests swap in "eager" to trace without codegen).
+COMPILE_BACKEND = "inductor"
 
 
 def lr_lambda(warmup_steps: int, total_steps: int = 0, cooldown_steps: int = 0):
@@ -361,6 +372,8 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     raw_model, raw_optimizer = model, optimizer
     if not use_fsdp:  # DDP (or nothing) through accelerate; FSDP2 is applied above
         model, optimizer = accelerator.prepare(model, optimizer)
+    if config.compile:  # the forward/backward only; checkpoints and EMA keep using raw_model
+        model = torch.compile(model, backend=COMPILE_BACKEND)
     ema_model.to(device)
     flops_per_sample = model_flops_per_sample(raw_model, config, dataset.sizes)
     # MFU against this machine's GEMM rate in the training precision (0.5 s, measured once).
