@@ -40,25 +40,36 @@ def load(path: str, max_text_tokens: int):
     return PixArtPipeline.from_pretrained(path), None
 
 
-def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16) -> dict:
+def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16, fid: bool = False) -> dict:
     plain, para = WorldConfig(), WorldConfig(paraphrase=True)
     items = [sample(i, "test", para if (i * 0.6180339887498949) % 1.0 < paraphrased else plain) for i in range(n)]
     stats = defaultdict(lambda: [0, 0])
     failures = []
+    generated = []
     start = time.time()
     for first in range(0, n, batch):
         chunk = items[first:first + batch]
         result = pipe([item.caption for item in chunk], height=128, width=128, num_inference_steps=steps,
                       guidance_scale=cfg, seed=first, progress=False)
         for item, image in zip(chunk, result.images):
+            if fid:
+                generated.append(image)
             outcome = check(image, item.caption)
             stats[item.scene.category][0] += outcome.passed
             stats[item.scene.category][1] += 1
             if not outcome.passed and len(failures) < 8:
                 failures.append(f"{item.caption!r}: {outcome.reason}")
     passed, total = sum(v[0] for v in stats.values()), sum(v[1] for v in stats.values())
-    return {"overall": passed / total, "n": total, "seconds": time.time() - start,
-            "per_category": {k: v[0] / v[1] for k, v in sorted(stats.items())}, "failures": failures}
+    result = {"overall": passed / total, "n": total, "seconds": time.time() - start,
+              "per_category": {k: v[0] / v[1] for k, v in sorted(stats.items())}, "failures": failures}
+    if fid:  # in-domain FID/KID against the renders of the same test scenes
+        from pixforge.eval.metrics import fid as fid_score, kid, load_feature_net
+
+        net = load_feature_net()
+        real = [item.image for item in items]
+        result["fid"] = fid_score(real, generated, net)
+        result["kid"] = kid(real, generated, net)
+    return result
 
 
 def main() -> None:
@@ -70,16 +81,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-text-tokens", type=int, default=24)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--fid", action="store_true", help="also in-domain FID/KID vs the test renders")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     pipe, step = load(args.path, args.max_text_tokens)
-    result = evaluate(pipe, args.n, args.paraphrased, args.cfg, args.steps)
+    result = evaluate(pipe, args.n, args.paraphrased, args.cfg, args.steps, fid=args.fid)
     result["step"] = step
     where = f" (step {step})" if step is not None else ""
     print(f"{args.path}{where}: {100 * result['overall']:.1f}% of {result['n']} prompts pass "
           f"({result['seconds']:.0f} s, cfg {args.cfg})")
     for category, value in result["per_category"].items():
         print(f"  {category:<14} {100 * value:5.1f}%")
+    if "fid" in result:
+        print(f"  in-domain FID {result['fid']:.2f}, KID {result['kid'][0]:.4f} ± {result['kid'][1]:.4f} "
+              f"(vs the renders of the same {result['n']} test scenes)")
     for line in result["failures"]:
         print("  fail:", line)
     if args.out:

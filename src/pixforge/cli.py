@@ -251,6 +251,15 @@ def _register_train() -> None:
 _register_train()
 
 
+def _register_search_cache() -> None:
+    from pixforge.accel.cli import search_cache_command
+
+    app.command("search-cache", help=search_cache_command.__doc__)(search_cache_command)
+
+
+_register_search_cache()
+
+
 def _register_serve() -> None:
     from pixforge.serve.cli import serve_command
 

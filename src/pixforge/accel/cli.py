@@ -26,13 +26,11 @@ def search_cache_command(
 
       pixforge generate "two red circles" --cache runs/ecad/front/03-q0.938-x2.61.json
     """
-    import torch
 
     from pixforge.accel.cache import DeltaDiT, Fora, schedule_macs
     from pixforge.accel.ecad import ScheduleSearch, SearchConfig, plot_front, shapes_quality
     from pixforge.sampling.pipeline import load_pipeline
 
-    torch.set_grad_enabled(False)
     pipe = load_pipeline(model, precision=precision)
     blocks = pipe.transformer.config.num_layers
     size = pipe.native_size

