@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("path")
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--paraphrased", type=float, default=0.33)
-    parser.add_argument("--cfg", type=float, default=4.5)
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's; 4.5 for a run)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-text-tokens", type=int, default=24)
     parser.add_argument("--out", default=None)
@@ -85,6 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     pipe, step = load(args.path, args.max_text_tokens)
+    if args.cfg is None:
+        args.cfg = pipe.guidance_scale
     result = evaluate(pipe, args.n, args.paraphrased, args.cfg, args.steps, fid=args.fid)
     result["step"] = step
     where = f" (step {step})" if step is not None else ""
