@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pixforge.accel import cache as C
 from pixforge.accel.cache import CacheSchedule, parse_cache_spec, step_overhead_macs, text_macs
 from pixforge.eval.bench import interleaved, median_range
 from pixforge.eval.shapes import check
@@ -79,8 +80,7 @@ def main() -> None:
     rows = []
     base_wall = float(np.median(walls["none"]))
     for name, policy in policies.items():
-        result = one(policy)() if policy is not None else pipe(items[0].caption, num_inference_steps=args.steps,
-                                                               seed=0, progress=False, cache="fora:1")
+        result = one(policy if policy is not None else C.Fora(1))()  # fora:1 = no cache, with MAC accounting
         spent, full = generation_macs(pipe, result, batch)
         passed, start = 0, time.time()
         for first in range(0, len(items), args.batch):

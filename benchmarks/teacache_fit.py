@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pixforge.accel.cache import rel_l1
+from pixforge.models.transformer import modulate
 from pixforge.sampling.pipeline import default_model_dir, load_pipeline
 from pixforge.shapes.world import WorldConfig, sample
-
-
-def rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
-    return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
 
 
 def record(pipe, prompts: list[str], steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +33,7 @@ def record(pipe, prompts: list[str], steps: int, seed: int) -> tuple[np.ndarray,
     def first_pre(module, args):
         x, t_mod = args[0], args[1]
         shift, scale = module.modulation(t_mod)[:2]
-        current["signal"] = torch.addcmul(shift, module.norm(x), 1 + scale)
+        current["signal"] = modulate(module.norm(x), shift, scale)
         current["input"] = x
 
     def last_post(module, args, output):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pixforge.errors import PixforgeError
+from pixforge.models.transformer import modulate
 
 COMPONENTS = ("attn1", "attn2", "ff")
 BLOCK_REUSE = ("gated", "delta")
@@ -207,6 +208,16 @@ class CacheSchedule:
 # ------------------------------------------------------------------------------------
 # Policies that compile to a schedule
 # ------------------------------------------------------------------------------------
+def _check_interval(policy: str, value) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise PixforgeError(f"{policy} interval={value!r} must be an int >= 1")
+
+
+def _check_non_negative(policy: str, name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise PixforgeError(f"{policy} {name}={value!r} must be a finite number >= 0")
+
+
 @dataclass(frozen=True)
 class Fora:
     """FORA: compute everything every `interval` steps, reuse every component in between."""
@@ -214,13 +225,16 @@ class Fora:
     interval: int = 3
 
     def __post_init__(self):
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise PixforgeError(f"fora interval={self.interval!r} must be an int >= 1")
+        _check_interval("fora", self.interval)
+
+    @property
+    def name(self) -> str:
+        return f"fora:{self.interval}"
 
     def schedule(self, steps: int, blocks: int) -> CacheSchedule:
         compute = np.zeros((steps, blocks, 3), dtype=bool)
         compute[:: self.interval] = True
-        return CacheSchedule(compute, name=f"fora:{self.interval}")
+        return CacheSchedule(compute, name=self.name)
 
     def start(self, steps: int, blocks: int) -> "CacheRun":
         return CacheRun(self.schedule(steps, blocks), steps, blocks)
@@ -238,12 +252,15 @@ class DeltaDiT:
     blocks: int = 0  # 0: half of the model's blocks
 
     def __post_init__(self):
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise PixforgeError(f"delta-dit interval={self.interval!r} must be an int >= 1")
+        _check_interval("delta-dit", self.interval)
         if not (isinstance(self.boundary, (int, float)) and self.boundary >= 0):
             raise PixforgeError(f"delta-dit boundary={self.boundary!r} must be >= 0 (a step, or a fraction < 1)")
         if not isinstance(self.blocks, int) or self.blocks < 0:
             raise PixforgeError(f"delta-dit blocks={self.blocks!r} must be an int >= 0")
+
+    @property
+    def name(self) -> str:
+        return f"delta-dit:interval={self.interval},boundary={self.boundary:g},blocks={self.blocks}"
 
     def schedule(self, steps: int, blocks: int) -> CacheSchedule:
         skip = self.blocks or blocks // 2
@@ -288,12 +305,9 @@ class ToCa:
     window: int = 2
 
     def __post_init__(self):
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise PixforgeError(f"toca interval={self.interval!r} must be an int >= 1")
+        _check_interval("toca", self.interval)
         for name in ("ratio", "cross_factor", "mlp_factor", "staleness_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise PixforgeError(f"toca {name}={value!r} must be a finite number >= 0")
+            _check_non_negative("toca", name, getattr(self, name))
         if not isinstance(self.window, int) or self.window < 1:
             raise PixforgeError(f"toca window={self.window!r} must be an int >= 1")
 
@@ -326,8 +340,7 @@ class TeaCache:
     coefficients: tuple[float, ...] = IDENTITY_POLY
 
     def __post_init__(self):
-        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
-            raise PixforgeError(f"teacache threshold={self.threshold!r} must be a finite number >= 0")
+        _check_non_negative("teacache", "threshold", self.threshold)
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
 
     @property
@@ -347,8 +360,7 @@ class FirstBlockCache:
     threshold: float = 0.05
 
     def __post_init__(self):
-        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
-            raise PixforgeError(f"first-block threshold={self.threshold!r} must be a finite number >= 0")
+        _check_non_negative("first-block", "threshold", self.threshold)
 
     @property
     def name(self) -> str:
@@ -421,7 +433,8 @@ def schedule_macs(transformer, schedule: CacheSchedule, height: int, width: int,
 # ------------------------------------------------------------------------------------
 # The runtime: one CacheRun per generation
 # ------------------------------------------------------------------------------------
-def _rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+def rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+    """mean|new - old| / mean|old|: TeaCache's and first-block caching's change signal."""
     return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
 
 
@@ -457,6 +470,7 @@ class CacheRun:
         if self.step >= self.steps:
             raise PixforgeError(f"cache run planned for {self.steps} steps was called a {self.step + 1}th time")
         policy = self.policy
+        self._count_full(blocks, x, grid, text_context)
         if isinstance(policy, CacheSchedule):
             x = self._run_schedule(blocks, x, t_mod, grid, text_context, policy)
         elif isinstance(policy, ToCa):
@@ -509,7 +523,6 @@ class CacheRun:
         raise PixforgeError(f"cache: block {index} {what} is reused at step {self.step} but was never computed")
 
     def _run_schedule(self, blocks, x, t_mod, grid, text_context, schedule: CacheSchedule):
-        self._count_full(blocks, x, grid, text_context)
         delta = schedule.block_reuse == "delta"
         for index, (block, (k, v)) in enumerate(zip(blocks, text_context.kv)):
             compute = schedule.compute[self.step, index]
@@ -526,16 +539,15 @@ class CacheRun:
 
     # --- TeaCache and first-block: decide per step --------------------------------------------
     def _run_adaptive(self, blocks, x, t_mod, grid, text_context, policy):
-        self._count_full(blocks, x, grid, text_context)
         first, last = self.step == 0, self.step == self.steps - 1
         full = (True, True, True)
         bias = text_context.bias
         if isinstance(policy, TeaCache):
             block0 = blocks[0]
             shift, scale = block0.modulation(t_mod)[:2]
-            signal = torch.addcmul(shift, block0.norm(x), 1 + scale)
+            signal = modulate(block0.norm(x), shift, scale)
             if self._signal is not None:
-                change = _rel_l1(signal, self._signal)
+                change = rel_l1(signal, self._signal)
                 self._accumulated += float(np.polyval(policy.coefficients, change))
             self._signal = signal
             compute = first or last or self._accumulated >= policy.threshold
@@ -548,7 +560,7 @@ class CacheRun:
             x_in = x
             x = self._block(0, blocks[0], x, t_mod, grid, k, v, bias, full, text_context, True)
             residual = x - x_in
-            compute = first or last or self._residual0 is None or _rel_l1(residual, self._residual0) >= policy.threshold
+            compute = first or last or self._residual0 is None or rel_l1(residual, self._residual0) >= policy.threshold
             if compute:
                 self._residual0 = residual
             self.decisions.append(bool(compute))
@@ -563,7 +575,6 @@ class CacheRun:
 
     # --- ToCa: token-wise --------------------------------------------------------------------
     def _run_toca(self, blocks, x, t_mod, grid, text_context, policy: ToCa):
-        self._count_full(blocks, x, grid, text_context)
         refresh = self.step % policy.interval == 0
         fractions = policy.fractions()
         bias = text_context.bias
@@ -730,10 +741,4 @@ def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = Non
 
 
 def policy_name(policy) -> str:
-    if policy is None:
-        return "none"
-    if isinstance(policy, (Fora,)):
-        return f"fora:{policy.interval}"
-    if isinstance(policy, DeltaDiT):
-        return f"delta-dit:interval={policy.interval},boundary={policy.boundary:g},blocks={policy.blocks}"
-    return policy.name
+    return "none" if policy is None else policy.name

@@ -121,8 +121,8 @@ class ScheduleSearch:
         from pymoo.core.problem import Problem
         from pymoo.core.repair import Repair
         from pymoo.operators.crossover.pntx import PointCrossover
+        from pymoo.core.termination import NoTermination
         from pymoo.operators.mutation.bitflip import BitflipMutation
-        from pymoo.termination.default import DefaultMultiObjectiveTermination  # noqa: F401 (pymoo import order)
 
         first = self.blocks * 3
 
@@ -140,8 +140,6 @@ class ScheduleSearch:
             mutation=BitflipMutation(prob=1.0, prob_var=c.mutation_rate),
             repair=FirstStepComputes(), eliminate_duplicates=True,
         )
-        from pymoo.core.termination import NoTermination
-
         algorithm.setup(problem, termination=NoTermination(), seed=c.seed)
         return algorithm
 

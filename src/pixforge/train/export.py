@@ -55,6 +55,12 @@ def model_from_run(run_dir: str | Path, ema: bool = True):
 
     Returns an AutoencoderKL for a VAE run, a PixArtTransformer for a transformer run.
     """
+    model, step, _ = model_and_config_from_run(run_dir, ema)
+    return model, step
+
+
+def model_and_config_from_run(run_dir: str | Path, ema: bool = True):
+    """(model, step, TrainConfig) of a run's newest checkpoint, read once."""
     from pixforge.errors import CheckpointError
     from pixforge.train import checkpoint as ckpt
     from pixforge.train.config import TrainConfig
@@ -69,11 +75,11 @@ def model_from_run(run_dir: str | Path, ema: bool = True):
     if config.target == "vae":
         model = VAEObjective(build_vae(config), config.kl_weight, config.freeze_encoder)
         model.load_state_dict(weights)
-        return model.vae.eval(), state["step"]
+        return model.vae.eval(), state["step"], config
     caption_channels = weights["caption_projection.linear_1.weight"].shape[1]
     model = build_transformer(config, caption_channels)
     model.load_state_dict(weights)
-    return model.eval(), state["step"]
+    return model.eval(), state["step"], config
 
 
 @torch.no_grad()
@@ -109,13 +115,9 @@ def package_pipeline(run_dir: str | Path, destination: str | Path, dtype: torch.
     replaces the run's VAE folder (a decoder fine-tuned on the same frozen encoder)."""
     from pixforge.models.vae import AutoencoderKL
     from pixforge.sampling.pipeline import PixArtPipeline
-    from pixforge.train import checkpoint as ckpt
-    from pixforge.train.config import TrainConfig
     from pixforge.train.loop import build_text_encoder
 
-    transformer, step = model_from_run(run_dir)
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))[2]
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["full_config"].items()})
+    transformer, step, config = model_and_config_from_run(run_dir)
     if config.target != "transformer":
         from pixforge.errors import PixforgeError
 
