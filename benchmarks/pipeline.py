@@ -1,6 +1,6 @@
 """End-to-end text-to-image: pixforge's PixArtPipeline vs diffusers' PixArtAlphaPipeline.
 
-    python benchmarks/pipeline.py [--repeats 5] [--threads 2] [--models tiny,B/2]
+    python benchmarks/pipeline.py [--repeats 5] [--threads 2] [--models tiny,B/2] [--precision fp32|bf16]
 
 Both pipelines load the same random-weight folder (tiny T5 with an in-memory tokenizer,
 tiny AutoencoderKL, and a PixArt transformer: the tiny test model at 128², or a
@@ -10,6 +10,10 @@ call: encode prompt + negative, 20 DPM-Solver++ steps with CFG 4.5 (batched
 see the same background load; the table shows seconds, median of N (min–max), and
 diffusers / ours on the medians and on the minima. "max |Δ|" is the largest difference
 between the two images in [0, 1] (exact mode: the same output).
+
+--precision bf16 runs both in bfloat16: diffusers' whole pipeline cast with `.to(torch.bfloat16)`,
+ours with `precision="bf16"` (the transformer in bf16; the tiny T5 and VAE stay fp32). Outputs
+then differ by bf16 rounding accumulated over the steps, shown in the last column.
 """
 from __future__ import annotations
 
@@ -51,10 +55,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="tiny,B/2")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-          f"{STEPS} steps dpm++ with CFG {GUIDANCE}, median of {args.repeats} (min–max), seconds per image\n")
+          f"{STEPS} steps dpm++ with CFG {GUIDANCE}, {args.precision}, median of {args.repeats} (min–max), seconds per image\n")
     print("| model | size | parameters | diffusers s | pixforge s | diffusers / ours (median) | (min) | max abs Δ |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
@@ -63,6 +68,9 @@ def main() -> None:
             reference = build_diffusers_pipeline("alpha", "dpm++", **overrides)
             reference.save_pretrained(folder)
             ours = PixArtPipeline.from_pretrained(folder)
+        if args.precision == "bf16":
+            reference.to(torch.bfloat16)
+            ours.set_precision("bf16")
 
         def run_reference():
             return reference(PROMPT, negative_prompt=NEGATIVE, height=side, width=side, num_inference_steps=STEPS,

@@ -29,6 +29,41 @@ def test_fused_projections_and_sdpa_equal_the_plain_path():
     assert (fast - plain).abs().max().item() <= 1e-6
 
 
+def test_patch_embedding_as_one_gemm_equals_the_strided_conv():
+    model = random_model()
+    latents = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(5))  # non-square grid
+    fast, grid = model.embed(latents)
+    model.patch_as_linear = False
+    conv, conv_grid = model.embed(latents)
+    assert grid == conv_grid == (8, 6)
+    assert fast.is_contiguous() and fast.shape == conv.shape
+    assert (fast - conv).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("micro", [False, True])
+def test_condition_table_equals_per_step_conditions_and_broadcasts_over_the_batch(micro):
+    model = random_model(use_additional_conditions=micro) if micro else random_model()
+    latents, _, text, mask = inputs()
+    resolution = torch.tensor([[128.0, 96.0]]) if micro else None
+    aspect = torch.tensor([[128.0 / 96.0]]) if micro else None
+    steps = torch.tensor([999.0, 750.5, 20.0])
+    with torch.no_grad():
+        table = model.condition_table(steps, resolution, aspect)
+        assert sorted(table) == [20.0, 750.5, 999.0]
+        for step in steps.tolist():
+            t_mod, t_emb = model.prepare_condition(
+                torch.tensor([step, step]), 2,
+                None if resolution is None else resolution.expand(2, 2), None if aspect is None else aspect.expand(2, 1),
+            )
+            assert table[step][0].shape[0] == 1
+            assert (table[step][0] - t_mod).abs().max().item() <= 1e-6
+            assert (table[step][1] - t_emb).abs().max().item() <= 1e-6
+            kwargs = dict(resolution=resolution.expand(2, 2), aspect_ratio=aspect.expand(2, 1)) if micro else {}
+            looked_up = model(latents, None, text, mask, condition=table[step])
+            computed = model(latents, torch.tensor([step, step]), text, mask, **kwargs)
+            assert (looked_up - computed).abs().max().item() <= 1e-6
+
+
 def test_text_context_prepared_once_equals_recomputing_it_every_step():
     model = random_model()
     latents, _, text, mask = inputs()

@@ -244,3 +244,19 @@ def test_importing_the_vae_imports_neither_diffusers_nor_transformers(tmp_path):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_channels_last_decodes_and_encodes_like_the_default_layout(tmp_path):
+    vae = AutoencoderKL(VAEConfig.from_dict(SD_LIKE)).eval()
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        decoded, encoded = vae.decode(latents()), vae.encode(images()).mean
+        vae.set_channels_last()
+        assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert max_diff(vae.decode(latents()), decoded) <= 1e-4
+        assert max_diff(vae.encode(images()).mean, encoded) <= 1e-4
+        vae.save_pretrained(tmp_path)  # channels-last weights still save as plain tensors
+        reloaded = AutoencoderKL.from_pretrained(tmp_path).eval()
+        assert max_diff(reloaded.decode(latents()), decoded) <= 1e-4
+        assert vae.set_channels_last(False).decoder.conv_in.weight.is_contiguous()

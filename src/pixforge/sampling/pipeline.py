@@ -124,17 +124,28 @@ def guided_model_fn(
     cache=None,
     prediction_type: str = "epsilon",
     schedule: S.ScheduleConfig = S.ScheduleConfig(),
+    timesteps: torch.Tensor | None = None,
 ) -> S.ModelFn:
     """ε(x, t) for the sampler. With guidance (scale > 1) `text_context` is [uncond, cond]
-    and both halves run in one forward; the learned-sigma channels are dropped first."""
+    and both halves run in one forward; the learned-sigma channels are dropped first.
+
+    `timesteps`: the steps the sampler will ask for, when known; on CPU their conditions are
+    then computed in one batched call up front (`condition_table`) and looked up per step.
+    """
     guided = guidance_scale > 1.0
     noise = S.noise_schedule(schedule)
+    table = {}
+    if timesteps is not None and transformer.device.type == "cpu":  # a lookup by value would sync a GPU
+        table = transformer.condition_table(
+            timesteps, None if resolution is None else resolution[:1], None if aspect_ratio is None else aspect_ratio[:1]
+        )
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_input = torch.cat([x, x]) if guided else x  # (2B | B, C, h, w)
+        condition = table.get(float(t)) if table and t.ndim == 0 else None
         out = transformer(
             model_input, t, text_context=text_context, resolution=resolution, aspect_ratio=aspect_ratio,
-            cache=cache,
+            cache=cache, condition=condition,
         )  # (2B | B, C or 2C, h, w)
         eps = S.split_learned_sigma(out.float(), latent_channels)
         if prediction_type == "v_prediction":
@@ -345,7 +356,7 @@ class PixArtPipeline:
                 f"{text_encoder.name} text encoder gives {text_encoder.hidden_size}-d embeddings"
             )
         self.transformer = transformer.eval()
-        self.vae = vae.eval()
+        self.vae = vae.eval().set_channels_last()  # faster convolutions (AutoencoderKL.set_channels_last)
         self.text_encoder = text_encoder
         self.sampler = S.resolve_sampler(sampler)
         self.schedule = schedule
@@ -525,9 +536,10 @@ class PixArtPipeline:
             if self.transformer.config.uses_micro_conditions:
                 batch = 2 * total if guided else total
                 resolution, aspect_ratio = micro_conditions(height, width, batch, self.device)
+            plan = None if config is None else S.plan_sampling(config, steps, self.schedule)
             model_fn = guided_model_fn(
                 self.transformer, context, guidance, channels, resolution, aspect_ratio, cache_run,
-                self.prediction_type, self.schedule,
+                self.prediction_type, self.schedule, None if plan is None else plan.timesteps,
             )
 
             # 4. Denoise.
@@ -544,8 +556,10 @@ class PixArtPipeline:
                     callback_on_step_end(step, t, x)
 
             try:
-                latents = S.sample(config if config is not None else name, model_fn, noise, steps,
-                                   generators, on_step, self.schedule)
+                if plan is not None:
+                    latents = S.denoise(plan, model_fn, noise, generators, on_step)
+                else:
+                    latents = S.sample(name, model_fn, noise, steps, generators, on_step, self.schedule)
             finally:
                 if bar is not None:
                     bar.close()

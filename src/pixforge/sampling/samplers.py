@@ -557,8 +557,9 @@ def sample(
 
 # ----------------------------------------------------------------------------- guidance
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: ε_u + s·(ε_c − ε_u) (diffusers' order of operations)."""
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+    """Classifier-free guidance: ε_u + s·(ε_c − ε_u), as one `lerp` kernel instead of three
+    (equal to diffusers' three-op order up to float rounding)."""
+    return torch.lerp(eps_uncond, eps_cond, scale)
 
 
 def split_learned_sigma(model_output: torch.Tensor, latent_channels: int) -> torch.Tensor:
