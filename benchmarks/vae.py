@@ -85,7 +85,7 @@ def main() -> None:
                   f"{min(theirs) / min(mine):.2f}x / {min(theirs) / min(last):.2f}x |", flush=True)
 
     theirs, mine = [], []
-    for _ in range(args.repeats):  # alternated, like timed_pair
+    for _ in range(args.repeats):  # alternated, like the decode timings
         theirs.append(process_time("from diffusers import AutoencoderKL"))
         mine.append(process_time("from pixforge.models.vae import AutoencoderKL"))
     ratio = statistics.median(theirs) / statistics.median(mine)

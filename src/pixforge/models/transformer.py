@@ -487,17 +487,17 @@ class PixArtTransformer(nn.Module):
         if height % patch or width % patch:
             raise PixforgeError(f"latent size {height}x{width} is not divisible by the patch size {patch}")
         grid = (height // patch, width // patch)
-        proj = self.pos_embed.proj
+        proj, latents = self.pos_embed.proj, latents.to(self.dtype)
         if self.patch_as_linear:
             # A conv whose stride equals its kernel is a matmul over the flattened patches: one
             # copy to (B, N, C·p·p) and one GEMM, 2.2-14x faster than oneDNN's strided conv here
             # (docs/benchmarks.md), and the tokens come out contiguous.
             batch, channels = latents.shape[:2]
-            patches = latents.to(self.dtype).reshape(batch, channels, grid[0], patch, grid[1], patch)
+            patches = latents.reshape(batch, channels, grid[0], patch, grid[1], patch)
             patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, grid[0] * grid[1], channels * patch * patch)
             tokens = F.linear(patches, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias)  # (B, N, D)
         else:
-            tokens = proj(latents.to(self.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+            tokens = proj(latents).flatten(2).transpose(1, 2)  # (B, N, D)
             # The transpose leaves a (B, D, N) memory layout; every later elementwise op would keep
             # it and every Linear / LayerNorm would copy it back. One copy here saves all of those.
             tokens = tokens.contiguous()
