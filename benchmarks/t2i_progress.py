@@ -21,7 +21,7 @@ from pixforge.eval.shapes import check
 from pixforge.shapes.world import WorldConfig, sample
 
 
-def load(path: str, max_text_tokens: int):
+def load(path: str, max_text_tokens: int, device: str = "cpu", vae_override: str | None = None):
     from pixforge.models.text import MiniLMTextEncoder
     from pixforge.models.vae import AutoencoderKL
     from pixforge.sampling.pipeline import PixArtPipeline
@@ -34,10 +34,15 @@ def load(path: str, max_text_tokens: int):
         config = load_checkpoint(latest_checkpoint(path))[2]["full_config"]
         vae = AutoencoderKL.from_pretrained(config["vae"])
         encoder = MiniLMTextEncoder.from_package(default_max_length=config["max_text_tokens"])
-        pipe = PixArtPipeline(transformer, vae, encoder, max_sequence_length=config["max_text_tokens"])
+        pipe = PixArtPipeline(transformer.to(device), vae.to(device), encoder.to(device),
+                              max_sequence_length=config["max_text_tokens"])
         pipe.prediction_type = config.get("prediction_type", "epsilon")
-        return pipe, step
-    return PixArtPipeline.from_pretrained(path), None
+    else:
+        pipe, step = PixArtPipeline.from_pretrained(path, device=device), None
+    if vae_override:
+        pipe.vae = AutoencoderKL.from_pretrained(vae_override).to(device)
+        pipe.vae.set_channels_last(True)
+    return pipe, step
 
 
 def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16, fid: bool = False) -> dict:
@@ -82,12 +87,15 @@ def main() -> None:
     parser.add_argument("--max-text-tokens", type=int, default=24)
     parser.add_argument("--out", default=None)
     parser.add_argument("--fid", action="store_true", help="also in-domain FID/KID vs the test renders")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--vae", default=None, help="decode with this VAE folder instead of the model's")
+    parser.add_argument("--batch", type=int, default=16, help="prompts per generation call")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    pipe, step = load(args.path, args.max_text_tokens)
+    pipe, step = load(args.path, args.max_text_tokens, args.device, args.vae)
     if args.cfg is None:
         args.cfg = pipe.guidance_scale
-    result = evaluate(pipe, args.n, args.paraphrased, args.cfg, args.steps, fid=args.fid)
+    result = evaluate(pipe, args.n, args.paraphrased, args.cfg, args.steps, batch=args.batch, fid=args.fid)
     result["step"] = step
     where = f" (step {step})" if step is not None else ""
     print(f"{args.path}{where}: {100 * result['overall']:.1f}% of {result['n']} prompts pass "

@@ -312,3 +312,91 @@ def test_compile_option_traces_the_training_step_and_keeps_the_loss(tmp_path, mo
     loss_column = compiled[0].split(",").index("loss")
     for a, b in zip(compiled[1:], plain[1:]):
         assert float(a.split(",")[loss_column]) == pytest.approx(float(b.split(",")[loss_column]), rel=1e-5)
+
+
+def test_time_budget_sizes_the_run_from_the_measured_rate_then_freezes_at_the_cool_down():
+    from pixforge.train.loop import StepPlan, TimeBudget, lr_lambda
+
+    config = TrainConfig(target="vae", steps=10_000, cooldown_fraction=0.25, warmup_steps=1)
+    plan = StepPlan.from_config(config)
+    assert (plan.total, plan.cooldown) == (10_000, 2500)
+    factor = lr_lambda(1, plan=plan)
+    budget = TimeBudget(1.0, plan, config, warmup=5, every=10)  # 60 s
+    start = budget.started
+    for step in range(1, 21):  # 10 steps/s after the warm-up steps
+        budget.update(step, step, now=start + 0.5 + 0.1 * step)
+    # 20 steps done at t = 2.5 s, 10 steps/s, 57.5 s left -> 20 + 575 steps, the last quarter cooling
+    assert plan.total == 595 and plan.cooldown == round(0.25 * 595)
+    assert factor(594) == pytest.approx(1 / plan.cooldown)  # the schedule reads the new plan
+    for step in range(21, 500):  # slower now: 5 steps/s -> re-estimated until the cool-down starts
+        budget.update(step, step, now=start + 2.5 + 0.2 * (step - 20))
+    assert budget.frozen and plan.total < 595
+    frozen = plan.total
+    budget.update(500, 500, now=start + 30)
+    assert plan.total == frozen
+    # out of time before any estimate: stop where it is
+    late = StepPlan.from_config(config)
+    slow = TimeBudget(0.01, late, config)
+    slow.update(3, 3, now=slow.started + 1.0)
+    assert late.total == 3 and slow.frozen
+
+
+def test_a_time_budgeted_run_stops_early_and_exports(tmp_path):
+    result = train(vae_config(tmp_path, steps=10_000, time_budget_minutes=0.001, cooldown_fraction=0.5),
+                   progress=False)
+    assert 1 <= result.step < 10_000 and not result.stopped_early
+    assert (tmp_path / "run" / "final" / "vae" / "config.json").exists()
+
+
+def test_prefetched_images_equal_inline_rendering_and_training_is_unchanged(tmp_path):
+    from pixforge.train.data import build_dataset
+    from pixforge.train.loop import ImagePrefetcher
+
+    dataset = build_dataset("shapes", 64, False, 24, 0.0, 0, 0.0)
+    prefetcher = ImagePrefetcher(dataset, workers=2)
+    try:
+        prefetcher.prefetch([[3, 1, 4, 15, 9], [2, 6]])
+        assert torch.equal(prefetcher.get([3, 1, 4, 15, 9]), torch.stack([dataset[i][0] for i in (3, 1, 4, 15, 9)]))
+        assert torch.equal(prefetcher.get([7, 8]), torch.stack([dataset[i][0] for i in (7, 8)]))  # not prefetched
+    finally:
+        prefetcher.close()
+    inline = train(vae_config(tmp_path / "a", steps=3), progress=False)
+    workers = train(vae_config(tmp_path / "b", steps=3, num_workers=2), progress=False)
+    assert inline.losses == workers.losses
+    assert_states_equal(final_state(tmp_path / "a" / "run"), final_state(tmp_path / "b" / "run"))
+
+
+def test_feature_cache_built_by_workers_equals_the_serial_one(tmp_path, tiny_vae_folder):
+    from safetensors.torch import load_file as load
+
+    from pixforge.train.loop import prepare_features
+
+    config = transformer_config(tmp_path, tiny_vae_folder, num_samples=40, buckets=True)
+    serial = prepare_features(config, tmp_path / "serial")
+    parallel = prepare_features(config.replace(num_workers=2), tmp_path / "parallel")
+    names = sorted(p.name for p in serial.iterdir())
+    assert names == sorted(p.name for p in parallel.iterdir()) and len(names) == 2
+    for name in names:
+        a, b = load(serial / name), load(parallel / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and a run that finds it (linked as its feature_cache) encodes nothing
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "feature_cache").symlink_to(parallel, target_is_directory=True)
+    result = train(config.replace(output_dir=str(run), steps=1), progress=False)
+    assert result.step == 1
+
+
+def test_feature_table_gathers_a_bucket_batch_and_refuses_mixed_buckets():
+    from pixforge.train.loop import FeatureTable
+
+    latents = {"bucket0": torch.arange(3 * 4.0).reshape(3, 1, 2, 2).bfloat16(), "index0": torch.tensor([0, 2, 4]),
+               "bucket1": -torch.arange(2 * 4.0).reshape(2, 1, 2, 2).bfloat16(), "index1": torch.tensor([1, 3])}
+    text = (torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32), torch.randn(2, 3, 5).bfloat16(),
+            torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.int8))
+    table = FeatureTable(latents, text, "cpu")
+    x0, embeds, mask = table.batch([4, 0])
+    assert torch.equal(x0, latents["bucket0"][[2, 0]].float())
+    assert torch.equal(embeds, text[1][[0, 1]].float()) and mask.tolist() == [[1, 1, 0], [1, 0, 0]]
+    with pytest.raises(PixforgeError, match="one known bucket"):
+        table.batch([0, 1])

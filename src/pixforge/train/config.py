@@ -58,6 +58,11 @@ class TrainConfig:
     # Warmup-stable-decay: the LR falls linearly to 0 over the last `cooldown_steps` of `steps`.
     # Not part of the run identity, so a run can be extended, then cooled down on resume.
     cooldown_steps: int = 0
+    cooldown_fraction: float = 0.0       # > 0: the cool-down is this fraction of the steps (overrides cooldown_steps)
+    # > 0: this invocation trains for about this many minutes of wall time (from its first step):
+    # the step count is re-estimated from the measured rate (at most `steps`) until the
+    # cool-down begins, then frozen. For GPU recipes whose speed is not known in advance.
+    time_budget_minutes: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     precision: str = "fp32"              # autocast: fp32 | bf16
@@ -83,7 +88,7 @@ class TrainConfig:
         "a pink square on a black background",
     )
     distributed: str = "ddp"             # ddp | fsdp (when launched with several processes)
-    num_workers: int = 0
+    num_workers: int = 0                 # processes rendering/decoding images for the feature cache
 
     def __post_init__(self) -> None:
         for name in ("vae_channels", "betas", "sample_prompts"):
@@ -100,6 +105,8 @@ class TrainConfig:
             (self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1"),
             (self.lr > 0, f"lr={self.lr} must be > 0"),
             (0 <= self.cooldown_steps <= self.steps, f"cooldown_steps={self.cooldown_steps} must be in [0, steps={self.steps}]"),
+            (0.0 <= self.cooldown_fraction <= 1.0, f"cooldown_fraction={self.cooldown_fraction} must be in [0, 1]"),
+            (self.time_budget_minutes >= 0.0, f"time_budget_minutes={self.time_budget_minutes} must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay} must be in [0, 1)"),
             (0.0 <= self.caption_dropout <= 1.0, f"caption_dropout={self.caption_dropout} must be in [0, 1]"),
             (0.0 <= self.paraphrase <= 1.0, f"paraphrase={self.paraphrase} must be in [0, 1]"),

@@ -237,16 +237,56 @@ def cached_text_features(cache_dir: Path, key: str, captions: list[str], encode,
     embeds, masks = [], []
     for start in range(0, len(unique), batch):
         out = encode(unique[start:start + batch], max_tokens)
-        embeds.append(out.embeds.to(torch.bfloat16))
-        masks.append(out.mask.to(torch.int8))
+        embeds.append(out.embeds.to(device="cpu", dtype=torch.bfloat16))
+        masks.append(out.mask.to(device="cpu", dtype=torch.int8))
     ids = torch.tensor([position[c] for c in captions], dtype=torch.int32)
     data = {"ids": ids, "embeds": torch.cat(embeds), "mask": torch.cat(masks)}
     atomic_save_safetensors(data, path)
     return data["ids"], data["embeds"], data["mask"], False
 
 
-def cached_latents(cache_dir: Path, key: str, dataset, encode, batch: int = 64, progress: bool = True):
-    """-> dict sample index -> latent (C, h, w) in bf16, encoded once per key (posterior mode)."""
+class _Chunks(torch.utils.data.Dataset):
+    """Index chunks of a dataset for DataLoader workers: item k -> fn over chunk k."""
+
+    def __init__(self, dataset, chunks: list[list[int]], images: bool):
+        self.dataset, self.chunks, self.images = dataset, chunks, images
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int):
+        if self.images:
+            return torch.stack([self.dataset[i][0] for i in self.chunks[k]])
+        return [self.dataset.caption(i) for i in self.chunks[k]]
+
+
+def _map_chunks(dataset, chunks: list[list[int]], images: bool, workers: int):
+    """Yield per-chunk results in order, rendered by `workers` processes (0 = this one)."""
+    if workers <= 0:
+        source = _Chunks(dataset, chunks, images)
+        yield from (source[k] for k in range(len(chunks)))
+        return
+    loader = torch.utils.data.DataLoader(
+        _Chunks(dataset, chunks, images), batch_size=None, shuffle=False, num_workers=workers,
+        prefetch_factor=4, persistent_workers=False,
+    )
+    yield from loader
+
+
+def all_captions(dataset, workers: int = 0, chunk: int = 2048) -> list[str]:
+    """Every sample's caption, in index order (the shapes world samples a scene per caption)."""
+    indices = list(range(len(dataset)))
+    chunks = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
+    return [caption for part in _map_chunks(dataset, chunks, images=False, workers=workers) for caption in part]
+
+
+def cached_latents(cache_dir: Path, key: str, dataset, encode, batch: int = 64, progress: bool = True,
+                   workers: int = 0):
+    """-> dict sample index -> latent (C, h, w) in bf16, encoded once per key (posterior mode).
+
+    workers > 0 renders/decodes the images in that many DataLoader processes while `encode`
+    (on whatever device the VAE lives) runs; the result is identical to workers = 0.
+    """
     from safetensors.torch import load_file
 
     from pixforge.models.convert import atomic_save_safetensors
@@ -261,12 +301,12 @@ def cached_latents(cache_dir: Path, key: str, dataset, encode, batch: int = 64, 
     data = {}
     bar = tqdm(total=len(dataset.buckets), desc="encoding latents (once, cached)", disable=not progress)
     for bucket, members in indices_by_bucket(dataset.buckets).items():
-        chunks = []
-        for start in range(0, len(members), batch):
-            images = torch.stack([dataset[i][0] for i in members[start:start + batch]])
-            chunks.append(encode(images).to(torch.bfloat16))
+        chunks = [members[start:start + batch] for start in range(0, len(members), batch)]
+        encoded = []
+        for images in _map_chunks(dataset, chunks, images=True, workers=workers):
+            encoded.append(encode(images).to(device="cpu", dtype=torch.bfloat16))
             bar.update(len(images))
-        data[f"bucket{bucket}"] = torch.cat(chunks)
+        data[f"bucket{bucket}"] = torch.cat(encoded)
         data[f"index{bucket}"] = torch.tensor(members, dtype=torch.int64)
     bar.close()
     atomic_save_safetensors(data, path)

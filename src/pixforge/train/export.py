@@ -16,10 +16,11 @@ def latent_std(vae, dataset, count: int = 256, batch: int = 32) -> float:
     from pixforge.train.data import indices_by_bucket
 
     values = []
+    device = next(vae.parameters()).device
     for members in indices_by_bucket(dataset.buckets[:count]).values():
         for start in range(0, len(members), batch):
             images = torch.stack([dataset[i][0] for i in members[start:start + batch]])
-            values.append(vae.encode(images).mode().flatten())
+            values.append(vae.encode(images.to(device)).mode().flatten())
     return torch.cat(values).float().std().item()
 
 
@@ -43,7 +44,7 @@ def export_transformer(model, config, folder: Path) -> None:
 
     encoder = build_text_encoder(config.text_encoder, config.max_text_tokens)
     pipe = PixArtPipeline(
-        model.float().eval(), AutoencoderKL.from_pretrained(config.vae), encoder,
+        model.float().eval().cpu(), AutoencoderKL.from_pretrained(config.vae), encoder,
         max_sequence_length=config.max_text_tokens, model_name=Path(config.output_dir).name,
     )
     pipe.prediction_type = config.prediction_type

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pixforge.errors import CheckpointError, PixforgeError
 from pixforge.train import checkpoint as ckpt
 from pixforge.train.config import TrainConfig, differing_fields
-from pixforge.train.data import BucketBatches, build_dataset, cache_key, file_digest, shard
+from pixforge.train.data import BucketBatches, all_captions, build_dataset, cache_key, file_digest, shard
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +200,12 @@ def build_vae(config: TrainConfig):
     return AutoencoderKL(vae_config).train()
 
 
-def build_text_encoder(name: str, max_tokens: int):
+def build_text_encoder(name: str, max_tokens: int, device="cpu"):
     from pixforge.models.text import MiniLMTextEncoder, T5TextEncoder
 
     if name == "minilm":
-        return MiniLMTextEncoder.from_package(default_max_length=max_tokens)
-    return T5TextEncoder.from_pretrained(name)
+        return MiniLMTextEncoder.from_package(default_max_length=max_tokens, device=device)
+    return T5TextEncoder.from_pretrained(name, device=device)
 
 
 # ---------------------------------------------------------------------------------- loop
@@ -239,17 +239,67 @@ def threading_main() -> bool:
 COMPILE_BACKEND = "inductor"
 
 
-def lr_lambda(warmup_steps: int, total_steps: int = 0, cooldown_steps: int = 0):
+@dataclass
+class StepPlan:
+    """How many steps the run takes and how many of them cool down (mutable: a time budget
+    re-estimates it; a plain function reads it, so LambdaLR's state_dict never saves it)."""
+
+    total: int
+    cooldown: int
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, total: int | None = None) -> StepPlan:
+        total = config.steps if total is None else total
+        if config.cooldown_fraction > 0:
+            return cls(total, round(config.cooldown_fraction * total))
+        return cls(total, min(config.cooldown_steps, total))
+
+
+def lr_lambda(warmup_steps: int, total_steps: int = 0, cooldown_steps: int = 0, plan: StepPlan | None = None):
     """Linear warm-up, constant, then (WSD) a linear cool-down to 0 over the last steps."""
-    start = total_steps - cooldown_steps
+    plan = plan if plan is not None else StepPlan(total_steps, cooldown_steps)
 
     def factor(step: int) -> float:
         value = min(1.0, (step + 1) / max(1, warmup_steps))
-        if cooldown_steps > 0 and step >= start:
-            value *= max(0.0, (total_steps - step) / cooldown_steps)
+        if plan.cooldown > 0 and step >= plan.total - plan.cooldown:
+            value *= max(0.0, (plan.total - step) / plan.cooldown)
         return value
 
     return factor
+
+
+class TimeBudget:
+    """Sizes a run to a wall-time budget: re-estimates the step count from the measured rate
+    (skipping the first warm-up steps) until the cool-down starts, then leaves it fixed."""
+
+    def __init__(self, minutes: float, plan: StepPlan, config: TrainConfig, warmup: int = 5, every: int = 10):
+        self.seconds, self.plan, self.config = 60.0 * minutes, plan, config
+        self.warmup, self.every = warmup, every
+        self.started = time.time()
+        self.mark = None  # (steps done, time) after the warm-up steps
+        self.frozen = minutes <= 0
+
+    def update(self, step: int, steps_this_run: int, now: float | None = None) -> None:
+        if self.frozen:
+            return
+        now = time.time() if now is None else now
+        if now - self.started >= self.seconds:  # out of time before an estimate could say so: stop here
+            self.plan.total, self.frozen = step, True
+            logger.info("time budget: spent at step %d", step)
+            return
+        if steps_this_run == self.warmup:
+            self.mark = (steps_this_run, now)
+        if self.mark is None or steps_this_run < self.warmup + self.every or steps_this_run % self.every:
+            return
+        rate = (steps_this_run - self.mark[0]) / max(now - self.mark[1], 1e-9)
+        remaining = self.seconds - (now - self.started)
+        total = min(self.config.steps, step + max(1, int(rate * remaining)))
+        new = StepPlan.from_config(self.config, total)
+        self.plan.total, self.plan.cooldown = new.total, new.cooldown
+        if step >= new.total - new.cooldown:
+            self.frozen = True
+            logger.info("time budget: %d steps (%.1f steps/s), cool-down from step %d", new.total, rate,
+                        new.total - new.cooldown)
 
 
 def ema_update(ema_model, model, decay: float, step: int) -> None:
@@ -301,17 +351,17 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     if config.target == "transformer":
         from pixforge.models.vae import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(config.vae).eval()
-        encoder = build_text_encoder(config.text_encoder, config.max_text_tokens)
+        # Features are computed once, on the accelerator when there is one.
+        vae = AutoencoderKL.from_pretrained(config.vae).eval().to(device)
+        encoder = build_text_encoder(config.text_encoder, config.max_text_tokens, device)
         cache_dir = output_dir / "feature_cache"
-        vae_hash = file_digest(list(Path(config.vae).glob("*.safetensors")))
-        text_key = cache_key(dataset.fingerprint(), config.text_encoder, str(config.max_text_tokens))
-        latent_key = cache_key(dataset.fingerprint(), vae_hash)
+        text_key, latent_key = feature_keys(config, dataset)
         if rank == 0:
-            captions = [dataset.caption(i) for i in range(len(dataset))]
+            text_path = cache_dir / f"text-{text_key}.safetensors"
+            captions = None if text_path.exists() else all_captions(dataset, config.num_workers)
             with torch.no_grad():
                 text_features = load_text_features(cache_dir, text_key, captions, encoder, config.max_text_tokens)
-                latents = load_latents(cache_dir, latent_key, dataset, vae)
+                latents = load_latents(cache_dir, latent_key, dataset, vae, config.num_workers)
         accelerator.wait_for_everyone()
         if rank != 0:
             with torch.no_grad():
@@ -319,11 +369,12 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
                 latents = load_latents(cache_dir, latent_key, dataset, vae)
         with torch.no_grad():
             null = encoder.encode([""], config.max_text_tokens)
-        null_text = (null.embeds[0].float(), null.mask[0])
+        null_text = (null.embeds[0].float().cpu(), null.mask[0].cpu())
         caption_channels = encoder.hidden_size
         model = build_transformer(config, caption_channels)
         scaling = vae.config.scaling_factor
-        latent_lookup = _latent_lookup(latents)
+        features = FeatureTable(latents, text_features, device)
+        del latents, text_features
         if config.sample_every and rank == 0:
             sampling_parts = (vae, encoder)  # kept for the sample grids
         else:
@@ -337,7 +388,8 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     if use_fsdp:
         shard_model(model, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.steps, config.cooldown_steps))
+    plan = StepPlan.from_config(config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, plan=plan))
     schedule = ddpm_schedule()
 
     # ----------------------------------------------------------------------- resume
@@ -424,6 +476,7 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
         writer.writerow(["step", "loss", "lr", "grad_norm", "samples_per_s", "gflops_per_s", "mfu", "wall_s"])
     epoch_batches = batches.epoch(epoch)
     started = time.time()
+    budget = TimeBudget(config.time_budget_minutes, plan, config)
     last_checkpoint = time.time()
     steps_this_run = 0
     window_start, window_samples = time.time(), 0
@@ -433,8 +486,9 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
 
         bar = tqdm(total=config.steps, initial=step, desc=f"train {config.target}", dynamic_ncols=True)
     stopped_early = False
+    prefetcher = ImagePrefetcher(dataset, config.num_workers if config.target == "vae" else 0)
     with _StopRequested() as stop:
-        while step < config.steps:
+        while step < plan.total:
             if position >= len(epoch_batches):
                 epoch, position = epoch + 1, 0
                 epoch_batches = batches.epoch(epoch)
@@ -442,6 +496,10 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
             position += 1
             optimizer.zero_grad(set_to_none=True)
             micro_size = config.batch_size
+            if prefetcher.pool is not None:  # this rank's share of the next batches, rendered meanwhile
+                prefetcher.prefetch([shard(upcoming[m * micro_size:(m + 1) * micro_size], rank, world)
+                                     for upcoming in [global_batch] + epoch_batches[position:position + 2]
+                                     for m in range(config.grad_accum)])
             step_loss = 0.0
             for micro in range(config.grad_accum):
                 micro_batch = global_batch[micro * micro_size:(micro + 1) * micro_size]
@@ -452,22 +510,22 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
                 with gradient_sync(accelerator, model, use_fsdp, enabled=micro == config.grad_accum - 1):
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                         if config.target == "transformer":
-                            x0 = torch.stack([latent_lookup(i) for i in micro_batch]).float() * scaling
-                            ids = text_features[0][torch.tensor(micro_batch)].long()
-                            text = text_features[1][ids].float()
-                            mask = text_features[2][ids].long()
+                            x0, text, mask = features.batch(micro_batch)
+                            x0 = x0 * scaling
+                            # Random draws on the CPU generator (identical on every rank and device).
                             drop = torch.rand(len(micro_batch), generator=data_generator) < config.caption_dropout
-                            text[drop] = null_text[0]
-                            mask[drop] = null_text[1]
+                            if drop.any():
+                                drop = drop.to(device)
+                                text[drop] = null_text[0].to(device)
+                                mask[drop] = null_text[1].to(device)
                             t = sample_timesteps(len(micro_batch), config.timestep_sampling, data_generator)
                             noise = torch.randn(x0.shape, generator=data_generator)
                             sl = slice(lo, lo + len(local))
                             loss = diffusion_loss(
-                                model, schedule, x0[sl].to(device), text[sl].to(device), mask[sl].to(device),
-                                t[sl].to(device), noise[sl].to(device), config,
+                                model, schedule, x0[sl], text[sl], mask[sl], t[sl].to(device), noise[sl].to(device), config,
                             )
                         else:
-                            images = torch.stack([dataset[i][0] for i in local])
+                            images = prefetcher.get(local)
                             if config.crop_size:
                                 images = random_crops(images, config.crop_size, data_generator, lo, len(micro_batch))
                             loss = model(images.to(device))
@@ -485,16 +543,18 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
             mean_loss = accelerator.reduce(step_loss.to(device), reduction="mean").item()
             losses.append(mean_loss)
             window_samples += len(global_batch)
+            budget.update(step, steps_this_run)
             if bar is not None:
+                bar.total = plan.total
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if writer and (step % config.log_every == 0 or step == config.steps):
+            if writer and (step % config.log_every == 0 or step == plan.total):
                 elapsed = max(time.time() - window_start, 1e-9)
                 rate = window_samples / elapsed
                 gflops = rate * flops_per_sample / 1e9
                 mfu = gflops / peak_gflops if peak_gflops else 0.0
                 writer.writerow([step, f"{mean_loss:.6f}", f"{scheduler.get_last_lr()[0]:.3e}", f"{float(grad_norm):.4f}",
-                                 f"{rate:.2f}", f"{gflops:.2f}", f"{mfu:.3f}", f"{time.time() - started:.1f}"])
+                                 f"{rate:.2f}", f"{gflops:.2f}", f"{mfu:.3g}", f"{time.time() - started:.1f}"])
                 log_file.flush()
                 window_start, window_samples = time.time(), 0
             if sampling_parts is not None and step % config.sample_every == 0:
@@ -503,12 +563,13 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
                 sample_grid(ema_model, *sampling_parts, config, output_dir / "samples" / f"step-{step:08d}.png")
             interrupted = stop.requested or (stop_after is not None and steps_this_run >= stop_after)
             due = step % config.checkpoint_every == 0 or time.time() - last_checkpoint > 60 * config.checkpoint_minutes
-            if due or interrupted or step == config.steps:
+            if due or interrupted or step == plan.total:
                 save(step)
                 last_checkpoint = time.time()
-            if interrupted and step < config.steps:
+            if interrupted and step < plan.total:
                 stopped_early = True
                 break
+    prefetcher.close()
     if bar is not None:
         bar.close()
     if log_file:
@@ -565,14 +626,115 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator, of
     return torch.stack([img[:, t:t + size, l:l + size] for img, t, l in zip(images, tops.tolist(), lefts.tolist())])
 
 
-def _latent_lookup(latents: dict[str, torch.Tensor]):
-    where = {}
-    for key, value in latents.items():
-        if key.startswith("index"):
-            bucket = key[len("index"):]
-            for row, index in enumerate(value.tolist()):
-                where[index] = (f"bucket{bucket}", row)
-    return lambda index: latents[where[index][0]][where[index][1]]
+class FeatureTable:
+    """The cached features on the training device: latents per bucket, text embeddings per
+    unique caption. A batch (one bucket) is two index gathers on the device; the host only
+    turns sample indices into rows (a GPU step is otherwise bound by per-sample host work)."""
+
+    def __init__(self, latents: dict[str, torch.Tensor], text_features, device):
+        self.buckets = {}
+        size = max((int(v.max()) + 1 for k, v in latents.items() if k.startswith("index") and len(v)), default=0)
+        self.bucket_of = torch.full((size,), -1, dtype=torch.int64)
+        self.row_of = torch.zeros(size, dtype=torch.int64)
+        for key, value in latents.items():
+            if key.startswith("index"):
+                bucket = int(key[len("index"):])
+                self.buckets[bucket] = latents[f"bucket{bucket}"].to(device)
+                self.bucket_of[value] = bucket
+                self.row_of[value] = torch.arange(len(value))
+        ids, embeds, mask = text_features
+        self.caption_of = ids.long()
+        self.embeds, self.mask = embeds.to(device), mask.to(device)
+        self.device = device
+
+    def batch(self, indices: list[int]):
+        """-> latents (B, C, h, w) float32, text (B, L, D) float32, mask (B, L) int64, on the device."""
+        index = torch.tensor(indices, dtype=torch.int64)
+        buckets = self.bucket_of[index].unique()
+        if len(buckets) != 1 or int(buckets[0]) < 0:
+            raise PixforgeError(f"a batch must come from one known bucket; got buckets {buckets.tolist()}")
+        rows = self.row_of[index].to(self.device)
+        captions = self.caption_of[index].to(self.device)
+        return (self.buckets[int(buckets[0])][rows].float(), self.embeds[captions].float(),
+                self.mask[captions].long())
+
+
+class ImagePrefetcher:
+    """Renders the images of upcoming batches in `workers` forked processes while the current
+    step runs (0: render inline); `get(indices)` equals `stack([dataset[i][0] for i in indices])`."""
+
+    def __init__(self, dataset, workers: int):
+        self.dataset, self.workers = dataset, workers
+        self.pending: dict[tuple[int, ...], list] = {}
+        self.pool = None
+        if workers > 0:
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init, initargs=(dataset,))
+
+    def prefetch(self, upcoming: list[list[int]]) -> None:
+        if self.pool is None:
+            return
+        for batch in upcoming:
+            key = tuple(batch)
+            if key and key not in self.pending:
+                self.pending[key] = [self.pool.submit(_render_images, key[k::self.workers])
+                                     for k in range(min(self.workers, len(key)))]
+
+    def get(self, indices: list[int]) -> torch.Tensor:
+        key = tuple(indices)
+        if key not in self.pending:
+            return torch.stack([self.dataset[i][0] for i in key])
+        parts = [future.result() for future in self.pending.pop(key)]
+        images = torch.empty((len(key), *parts[0].shape[1:]), dtype=parts[0].dtype)
+        for k, part in enumerate(parts):
+            images[k::self.workers] = part
+        return images
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+_WORKER_DATASET = None
+
+
+def _worker_init(dataset) -> None:
+    global _WORKER_DATASET
+    _WORKER_DATASET = dataset
+    torch.set_num_threads(1)
+
+
+def _render_images(indices) -> torch.Tensor:
+    return torch.stack([_WORKER_DATASET[i][0] for i in indices])
+
+
+def feature_keys(config: TrainConfig, dataset) -> tuple[str, str]:
+    """Cache keys of the text features and the latents (dataset, encoder, VAE weights)."""
+    vae_hash = file_digest(list(Path(config.vae).glob("*.safetensors")))
+    return (cache_key(dataset.fingerprint(), config.text_encoder, str(config.max_text_tokens)),
+            cache_key(dataset.fingerprint(), vae_hash))
+
+
+@torch.no_grad()
+def prepare_features(config: TrainConfig, cache_dir: str | Path, device: str | torch.device = "cpu") -> Path:
+    """Fill a feature cache for `config`'s data without training: several runs on the same
+    data (a sweep) can then share it (link each run's OUTPUT/feature_cache to it)."""
+    from pixforge.models.vae import AutoencoderKL
+
+    cache_dir = Path(cache_dir)
+    dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase,
+                            config.seed, config.background_prob)
+    text_key, latent_key = feature_keys(config, dataset)
+    if not (cache_dir / f"text-{text_key}.safetensors").exists():
+        encoder = build_text_encoder(config.text_encoder, config.max_text_tokens, device)
+        load_text_features(cache_dir, text_key, all_captions(dataset, config.num_workers), encoder, config.max_text_tokens)
+        encoder.unload()
+    vae = AutoencoderKL.from_pretrained(config.vae).eval().to(device)
+    load_latents(cache_dir, latent_key, dataset, vae, config.num_workers)
+    return cache_dir
 
 
 def load_text_features(cache_dir, key, captions, encoder, max_tokens):
@@ -584,10 +746,12 @@ def load_text_features(cache_dir, key, captions, encoder, max_tokens):
     return ids, embeds, mask
 
 
-def load_latents(cache_dir, key, dataset, vae):
+def load_latents(cache_dir, key, dataset, vae, workers: int = 0):
     from pixforge.train.data import cached_latents
 
-    data, _ = cached_latents(cache_dir, key, dataset, lambda images: vae.encode(images).mode())
+    device = next(vae.parameters()).device
+    data, _ = cached_latents(cache_dir, key, dataset, lambda images: vae.encode(images.to(device)).mode(),
+                             workers=workers)
     return data
 
 
