@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ecad", default=None, help="pareto.json of `pixforge search-cache`; 3 points are benchmarked")
+    parser.add_argument("--ecad-speedups", default=None,
+                        help="e.g. 1.5,2,2.5: benchmark the best-quality front point at or above each MACs speed-up "
+                             "(default: the front's first, middle and last point)")
     parser.add_argument("--policies", default=";".join(["none", *HAND_MADE]), help="';'-separated cache specs")
     parser.add_argument("--batch", type=int, default=25, help="images per accuracy generation call")
     parser.add_argument("--out", default="benchmarks/results/cache.json")
@@ -63,7 +66,15 @@ def main() -> None:
         policies[spec] = parse_cache_spec(spec, pipe.teacache_coefficients)
     if args.ecad:
         front = json.loads(Path(args.ecad).read_text())["front"]
-        picks = sorted({0, len(front) // 2, len(front) - 1}) if len(front) > 3 else range(len(front))
+        if args.ecad_speedups:  # the best-quality point at or above each MACs speed-up
+            picks = []
+            for floor in (float(x) for x in args.ecad_speedups.split(",")):
+                above = [i for i, p in enumerate(front) if p["speedup_macs"] >= floor]
+                if above:
+                    picks.append(max(above, key=lambda i: (front[i]["quality"], -front[i]["macs_ratio"])))
+            picks = sorted(set(picks))
+        else:
+            picks = sorted({0, len(front) // 2, len(front) - 1}) if len(front) > 3 else range(len(front))
         for i in picks:
             point = front[i]
             policies[f"ecad x{point['speedup_macs']:.2f}"] = CacheSchedule.from_dict(point["schedule"])
