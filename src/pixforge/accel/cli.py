@@ -15,6 +15,10 @@ def search_cache_command(
     mutation: float = typer.Option(0.05, "--mutation", help="Bit-flip rate per bit."),
     seed: int = typer.Option(0, "--seed", help="Search seed (the prompts' seeds are fixed)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+    quality_kind: str = typer.Option(
+        "accuracy", "--quality",
+        help="accuracy: the shapes checker's pass rate | agreement: PSNR to the uncached images "
+             "(lower variance on few prompts; the front's quality axis is then PSNR/40)."),
 ) -> None:
     """Search per-step x per-block x per-component cache schedules (ECAD, NSGA-II via pymoo).
 
@@ -28,7 +32,11 @@ def search_cache_command(
     """
 
     from pixforge.accel.cache import DeltaDiT, Fora, schedule_macs
-    from pixforge.accel.ecad import ScheduleSearch, SearchConfig, plot_front, shapes_quality
+    from pixforge.accel.ecad import ScheduleSearch, SearchConfig, agreement_quality, plot_front, shapes_quality
+    from pixforge.errors import PixforgeError
+
+    if quality_kind not in ("accuracy", "agreement"):
+        raise PixforgeError(f"--quality {quality_kind!r}: choose accuracy or agreement")
     from pixforge.sampling.pipeline import load_pipeline
 
     pipe = load_pipeline(model, precision=precision)
@@ -43,9 +51,12 @@ def search_cache_command(
                           vae_scale_factor=pipe.vae_scale_factor)
         return 1.0 / m["ratio"]
 
-    quality = shapes_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
+    make_quality = shapes_quality if quality_kind == "accuracy" else agreement_quality
+    quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
     config = SearchConfig(population=population, mutation_rate=mutation, seed=seed)
     identity = {"model": pipe.model_hash, "prompts": prompts, "cfg": guidance}
+    if quality_kind != "accuracy":  # (searches from before the option keep their identity)
+        identity["quality"] = quality_kind
     search = ScheduleSearch(quality, macs_ratio, steps, blocks, out, config, identity=identity)
 
     def report(record: dict) -> None:
