@@ -32,17 +32,16 @@ def load(path: str, max_text_tokens: int, device: str = "cpu", vae_override: str
 
         transformer, step = model_from_run(path)
         config = load_checkpoint(latest_checkpoint(path))[2]["full_config"]
-        vae = AutoencoderKL.from_pretrained(config["vae"])
+        vae = AutoencoderKL.from_pretrained(vae_override or config["vae"])
         encoder = MiniLMTextEncoder.from_package(default_max_length=config["max_text_tokens"])
         pipe = PixArtPipeline(transformer.to(device), vae.to(device), encoder.to(device),
                               max_sequence_length=config["max_text_tokens"])
         pipe.prediction_type = config.get("prediction_type", "epsilon")
-    else:
-        pipe, step = PixArtPipeline.from_pretrained(path, device=device), None
-    if vae_override:
-        pipe.vae = AutoencoderKL.from_pretrained(vae_override).to(device)
-        pipe.vae.set_channels_last(True)
-    return pipe, step
+        return pipe, step
+    pipe = PixArtPipeline.from_pretrained(path, device=device)
+    if vae_override:  # the same set-up the pipeline gives its own VAE
+        pipe.vae = AutoencoderKL.from_pretrained(vae_override).to(device).eval().set_channels_last()
+    return pipe, None
 
 
 def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16, fid: bool = False) -> dict:

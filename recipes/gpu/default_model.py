@@ -127,19 +127,23 @@ def train_runs(runs: dict, env: dict, budget: float, deadline: float) -> dict:
 def final_folder(config) -> Path:
     """The run's exported pipeline (or VAE) folder; exported from the newest checkpoint if the
     run was stopped before it finished."""
+    from pixforge.train.data import build_dataset
     from pixforge.train.export import export_transformer, export_vae, model_and_config_from_run
 
-    out = Path(config.output_dir) / "final"
-    target = out / ("vae" if config.target == "vae" else "")
-    if (target / "config.json").exists() or (out / "model_index.json").exists():
-        return target if config.target == "vae" else out
+    vae_run = config.target == "vae"
+    folder = Path(config.output_dir) / "final" / ("vae" if vae_run else "")
+    if (folder / ("config.json" if vae_run else "model_index.json")).exists():
+        return folder
     model, step, saved = model_and_config_from_run(config.output_dir)
     log(f"{config.output_dir}: exporting the EMA of checkpoint step {step}")
-    if config.target == "vae":
-        export_vae(model, out / "vae", None, keep_scaling=True)
-        return out / "vae"
-    export_transformer(model, saved, out)
-    return out
+    if vae_run:  # as the training loop exports: a frozen encoder keeps its scaling factor
+        dataset = None if config.freeze_encoder else build_dataset(
+            config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase, config.seed,
+            config.background_prob)
+        export_vae(model, folder, dataset, keep_scaling=config.freeze_encoder)
+    else:
+        export_transformer(model, saved, folder)
+    return folder
 
 
 def score_transformer(folder: Path, vae: Path | None, cfgs: list[float], n: int) -> dict:

@@ -34,10 +34,10 @@ def search_cache_command(
     from pixforge.accel.cache import DeltaDiT, Fora, schedule_macs
     from pixforge.accel.ecad import ScheduleSearch, SearchConfig, agreement_quality, plot_front, shapes_quality
     from pixforge.errors import PixforgeError
+    from pixforge.sampling.pipeline import load_pipeline
 
     if quality_kind not in ("accuracy", "agreement"):
         raise PixforgeError(f"--quality {quality_kind!r}: choose accuracy or agreement")
-    from pixforge.sampling.pipeline import load_pipeline
 
     pipe = load_pipeline(model, precision=precision)
     blocks = pipe.transformer.config.num_layers

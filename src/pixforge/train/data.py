@@ -221,17 +221,25 @@ def cache_key(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def cached_text_features(cache_dir: Path, key: str, captions: list[str], encode, max_tokens: int, batch: int = 256):
-    """-> (caption ids per sample (N,), embeds (U, L, D), mask (U, L)); computed once per key."""
+def text_cache_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"text-{key}.safetensors"
+
+
+def cached_text_features(cache_dir: Path, key: str, captions, encode, max_tokens: int, batch: int = 256):
+    """-> (caption ids per sample (N,), embeds (U, L, D), mask (U, L)); computed once per key.
+
+    captions: every sample's caption, or a function returning them (called only on a miss:
+    the shapes world samples a scene per caption)."""
     from safetensors.torch import load_file
 
     from pixforge.models.convert import atomic_save_safetensors
 
-    path = cache_dir / f"text-{key}.safetensors"
+    path = text_cache_path(cache_dir, key)
     if path.exists():
         data = load_file(path)
         logger.info("text features from cache %s", path)
         return data["ids"], data["embeds"], data["mask"], True
+    captions = captions() if callable(captions) else captions
     unique = sorted(set(captions))
     position = {c: i for i, c in enumerate(unique)}
     embeds, masks = [], []
@@ -256,8 +264,13 @@ class _Chunks(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int):
         if self.images:
-            return torch.stack([self.dataset[i][0] for i in self.chunks[k]])
+            return render_images(self.dataset, self.chunks[k])
         return [self.dataset.caption(i) for i in self.chunks[k]]
+
+
+def render_images(dataset, indices) -> torch.Tensor:
+    """The images of `indices` stacked into one batch (B, 3, H, W) (one bucket: one size)."""
+    return torch.stack([dataset[i][0] for i in indices])
 
 
 def _map_chunks(dataset, chunks: list[list[int]], images: bool, workers: int):

@@ -13,13 +13,13 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def latent_std(vae, dataset, count: int = 256, batch: int = 32) -> float:
     """Standard deviation of the posterior mode over `count` training images."""
-    from pixforge.train.data import indices_by_bucket
+    from pixforge.train.data import indices_by_bucket, render_images
 
     values = []
     device = next(vae.parameters()).device
     for members in indices_by_bucket(dataset.buckets[:count]).values():
         for start in range(0, len(members), batch):
-            images = torch.stack([dataset[i][0] for i in members[start:start + batch]])
+            images = render_images(dataset, members[start:start + batch])
             values.append(vae.encode(images.to(device)).mode().flatten())
     return torch.cat(values).float().std().item()
 

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from pixforge.errors import CheckpointError, PixforgeError
 from pixforge.train import checkpoint as ckpt
 from pixforge.train.config import TrainConfig, differing_fields
-from pixforge.train.data import BucketBatches, all_captions, build_dataset, cache_key, file_digest, shard
+from pixforge.train.data import (
+    BucketBatches, all_captions, build_dataset, cache_key, file_digest, render_images, shard, text_cache_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -357,8 +359,7 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
         cache_dir = output_dir / "feature_cache"
         text_key, latent_key = feature_keys(config, dataset)
         if rank == 0:
-            text_path = cache_dir / f"text-{text_key}.safetensors"
-            captions = None if text_path.exists() else all_captions(dataset, config.num_workers)
+            captions = lambda: all_captions(dataset, config.num_workers)  # noqa: E731 (only on a cache miss)
             with torch.no_grad():
                 text_features = load_text_features(cache_dir, text_key, captions, encoder, config.max_text_tokens)
                 latents = load_latents(cache_dir, latent_key, dataset, vae, config.num_workers)
@@ -369,7 +370,7 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
                 latents = load_latents(cache_dir, latent_key, dataset, vae)
         with torch.no_grad():
             null = encoder.encode([""], config.max_text_tokens)
-        null_text = (null.embeds[0].float().cpu(), null.mask[0].cpu())
+        null_text = (null.embeds[0].float().to(device), null.mask[0].to(device))
         caption_channels = encoder.hidden_size
         model = build_transformer(config, caption_channels)
         scaling = vae.config.scaling_factor
@@ -516,8 +517,8 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
                             drop = torch.rand(len(micro_batch), generator=data_generator) < config.caption_dropout
                             if drop.any():
                                 drop = drop.to(device)
-                                text[drop] = null_text[0].to(device)
-                                mask[drop] = null_text[1].to(device)
+                                text[drop] = null_text[0]
+                                mask[drop] = null_text[1]
                             t = sample_timesteps(len(micro_batch), config.timestep_sampling, data_generator)
                             noise = torch.randn(x0.shape, generator=data_generator)
                             sl = slice(lo, lo + len(local))
@@ -686,7 +687,7 @@ class ImagePrefetcher:
     def get(self, indices: list[int]) -> torch.Tensor:
         key = tuple(indices)
         if key not in self.pending:
-            return torch.stack([self.dataset[i][0] for i in key])
+            return render_images(self.dataset, key)
         parts = [future.result() for future in self.pending.pop(key)]
         images = torch.empty((len(key), *parts[0].shape[1:]), dtype=parts[0].dtype)
         for k, part in enumerate(parts):
@@ -708,7 +709,7 @@ def _worker_init(dataset) -> None:
 
 
 def _render_images(indices) -> torch.Tensor:
-    return torch.stack([_WORKER_DATASET[i][0] for i in indices])
+    return render_images(_WORKER_DATASET, indices)
 
 
 def feature_keys(config: TrainConfig, dataset) -> tuple[str, str]:
@@ -728,7 +729,7 @@ def prepare_features(config: TrainConfig, cache_dir: str | Path, device: str | t
     dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase,
                             config.seed, config.background_prob)
     text_key, latent_key = feature_keys(config, dataset)
-    if not (cache_dir / f"text-{text_key}.safetensors").exists():
+    if not text_cache_path(cache_dir, text_key).exists():  # skip building the encoder on a hit
         encoder = build_text_encoder(config.text_encoder, config.max_text_tokens, device)
         load_text_features(cache_dir, text_key, all_captions(dataset, config.num_workers), encoder, config.max_text_tokens)
         encoder.unload()
