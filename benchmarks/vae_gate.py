@@ -44,6 +44,7 @@ def evaluate(vae_dir: str, n: int, resolution: int = 128, batch: int = 25) -> di
     items = [sample(i, "test", WorldConfig(canvas_sizes=(sizes[i % len(sizes)],))) for i in range(n)]
     by_category = defaultdict(lambda: [0, 0, 0])  # renders passed, reconstructions passed, count
     psnrs = []
+    failures = []
     start = time.time()
     by_size = defaultdict(list)
     for item in items:
@@ -60,7 +61,10 @@ def evaluate(vae_dir: str, n: int, resolution: int = 128, batch: int = 25) -> di
                 array = ((rebuilt.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
                 stats = by_category[item.scene.category]
                 stats[0] += check(item.image, item.caption).passed
-                stats[1] += check(array, item.caption).passed
+                outcome = check(array, item.caption)
+                stats[1] += outcome.passed
+                if not outcome.passed and len(failures) < 24:
+                    failures.append(f"[{item.scene.category}] {item.caption!r}: {outcome.reason}")
                 stats[2] += 1
     total = [sum(v[i] for v in by_category.values()) for i in range(3)]
     return {
@@ -71,6 +75,7 @@ def evaluate(vae_dir: str, n: int, resolution: int = 128, batch: int = 25) -> di
         "reconstructions_pass": total[1] / total[2],
         "per_category": {k: {"renders": v[0] / v[2], "reconstructions": v[1] / v[2], "n": v[2]} for k, v in sorted(by_category.items())},
         "seconds": time.time() - start,
+        "failures": failures,
     }
 
 
@@ -86,6 +91,8 @@ def main() -> None:
           f"{100 * result['reconstructions_pass']:.1f}% of reconstructions")
     for category, values in result["per_category"].items():
         print(f"  {category:<18} renders {100 * values['renders']:5.1f}%  reconstructions {100 * values['reconstructions']:5.1f}%  (n={values['n']})")
+    for failure in result["failures"]:
+        print(f"  fail: {failure}")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=2)

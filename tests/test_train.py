@@ -234,6 +234,20 @@ def test_model_from_run_returns_the_newest_checkpoints_ema_weights(tmp_path):
     assert torch.equal(vae.state_dict()["decoder.conv_out.weight"], ema["vae.decoder.conv_out.weight"])
 
 
+def test_model_from_run_reads_a_chosen_older_checkpoint(tmp_path):
+    """The GPU recipe's learning curve scores every kept checkpoint, not only the newest."""
+    from pixforge.train.export import model_and_config_from_run
+
+    train(vae_config(tmp_path, steps=4, checkpoint_every=2, keep_last=3), progress=False)
+    first, last = ckpt.list_checkpoints(tmp_path / "run")[0], ckpt.latest_checkpoint(tmp_path / "run")
+    old, step, _ = model_and_config_from_run(tmp_path / "run", checkpoint=first)
+    new, new_step, _ = model_and_config_from_run(tmp_path / "run")
+    assert (step, new_step) == (2, 4) and first != last
+    ema = load_file(str(first / "ema.safetensors"))
+    assert torch.equal(old.state_dict()["decoder.conv_out.weight"], ema["vae.decoder.conv_out.weight"])
+    assert not torch.equal(old.state_dict()["decoder.conv_out.weight"], new.state_dict()["decoder.conv_out.weight"])
+
+
 def test_lr_warms_up_holds_then_cools_down_linearly_to_zero():
     from pixforge.train.loop import lr_lambda
 

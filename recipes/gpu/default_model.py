@@ -12,10 +12,12 @@
    last 30% cooling down). A run still going at the hard deadline is stopped with SIGTERM
    (it checkpoints) and exported from that checkpoint.
 4. Scores, on the device: each transformer on 600 test prompts (a third paraphrased, never in
-   training; 20 dpm++ steps; CFG 1.5 and 2.5) and the VAE with the reconstruction gate.
+   training; 20 dpm++ steps; CFG 1.5, 2.5 and 3.5) and the VAE with the reconstruction gate.
 5. Writes to --out: results.json, metrics.tar (each run's metrics.csv, log and resolved recipe),
    and the pipeline folder of the best transformer (fp16) with the better VAE, as tar parts of
    at most 15 MB (the device tool returns files of at most 16 MB).
+6. Accuracy vs training samples: the EMA of every kept checkpoint on `--curve-n` test prompts
+   at the winner's CFG (last, so a cut-off run has already written the model).
 
 Measured on an H100 (2026-11-26) in docs/training.md ("On a GPU").
 """
@@ -163,6 +165,36 @@ def score_transformer(folder: Path, vae: Path | None, cfgs: list[float], n: int)
     return results
 
 
+def learning_curve(config, n: int, cfg: float) -> list[dict]:
+    """Accuracy of the EMA weights of every kept checkpoint of a transformer run (n test prompts,
+    one CFG): accuracy vs training samples, measured on the same prompts and seeds."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from t2i_progress import evaluate
+
+    from pixforge.models.text import MiniLMTextEncoder
+    from pixforge.models.vae import AutoencoderKL
+    from pixforge.sampling.pipeline import PixArtPipeline
+    from pixforge.train.checkpoint import list_checkpoints
+    from pixforge.train.export import model_and_config_from_run
+
+    torch.set_grad_enabled(False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = AutoencoderKL.from_pretrained(config.vae).to(device).eval()
+    encoder = MiniLMTextEncoder.from_package(default_max_length=config.max_text_tokens).to(device)
+    curve = []
+    for path in list_checkpoints(config.output_dir):
+        transformer, step, _ = model_and_config_from_run(config.output_dir, checkpoint=path)
+        pipe = PixArtPipeline(transformer.to(device), vae, encoder, max_sequence_length=config.max_text_tokens)
+        pipe.prediction_type = config.prediction_type
+        result = evaluate(pipe, n, 0.33, cfg, 20, batch=100)
+        curve.append({"step": step, "samples": step * config.batch_size, "cfg": cfg, "n": n,
+                      "overall": result["overall"], "per_category": result["per_category"]})
+        log(f"  curve {Path(config.output_dir).name} step {step}: {100 * result['overall']:.1f}%")
+    return curve
+
+
 def score_vae(folder: Path, n: int) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from vae_gate import evaluate
@@ -196,8 +228,13 @@ def main() -> None:
     parser.add_argument("--use-packed-minilm", action="store_true", help="even where the package is installed")
     parser.add_argument("--n", type=int, default=600, help="test prompts per evaluation")
     parser.add_argument("--num-samples", type=int, default=None, help="override the recipes' (smoke tests)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the transformer recipes' batch")
+    parser.add_argument("--stop-after-training", action="store_true",
+                        help="a throughput probe: train, write results.json and metrics.tar, stop")
     parser.add_argument("--models", default=None, help="override the recipes' model presets, e.g. shapes-tiny,shapes-tiny")
-    parser.add_argument("--cfgs", default="1.5,2.5")
+    parser.add_argument("--cfgs", default="1.5,2.5,3.5")
+    parser.add_argument("--curve-n", type=int, default=300,
+                        help="test prompts for the accuracy of every kept checkpoint (0 = no curve)")
     parser.add_argument("--runs", default="t2i-10m,vae-decoder",
                         help="recipes/gpu/*.toml to train at once (t2i-*: transformers sharing one feature cache)")
     args = parser.parse_args()
@@ -215,6 +252,8 @@ def main() -> None:
     changes = {"num_workers": workers}
     if args.num_samples:
         changes["num_samples"] = args.num_samples
+    if args.batch_size:
+        changes["batch_size"] = args.batch_size
     names = args.runs.split(",")
     t2i_runs = [n for n in names if n != VAE_RUN]
     models = args.models.split(",") if args.models else [None] * len(t2i_runs)
@@ -259,6 +298,8 @@ def main() -> None:
                     tar.add(path, arcname=f"{name}/{file}")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     log(f"training done at {time.time() - started:.0f} s: {json.dumps(results['runs'])}")
+    if args.stop_after_training:
+        return
 
     # ---- 4. score
     folders = {}
@@ -296,6 +337,16 @@ def main() -> None:
     results["parts"] = write_parts(ship, out, "ship")
     results["seconds"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    log(f"shipped parts written at {time.time() - started:.0f} s")
+
+    # ---- 6. accuracy vs samples: every kept checkpoint (last: the tar parts are already out)
+    if args.curve_n:
+        results["curve"] = {}
+        for name in results["t2i"]:
+            results["curve"][name] = learning_curve(runs[name], args.curve_n, best(name)[1])
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+        results["seconds"] = time.time() - started
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     log(f"done in {time.time() - started:.0f} s; winner {winner}; parts {results['parts']}")
 
 

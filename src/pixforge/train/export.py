@@ -60,14 +60,14 @@ def model_from_run(run_dir: str | Path, ema: bool = True):
     return model, step
 
 
-def model_and_config_from_run(run_dir: str | Path, ema: bool = True):
-    """(model, step, TrainConfig) of a run's newest checkpoint, read once."""
+def model_and_config_from_run(run_dir: str | Path, ema: bool = True, checkpoint: str | Path | None = None):
+    """(model, step, TrainConfig) of a run's newest checkpoint (or of `checkpoint`), read once."""
     from pixforge.errors import CheckpointError
     from pixforge.train import checkpoint as ckpt
     from pixforge.train.config import TrainConfig
     from pixforge.train.loop import VAEObjective, build_transformer, build_vae
 
-    latest = ckpt.latest_checkpoint(run_dir)
+    latest = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(run_dir)
     if latest is None:
         raise CheckpointError(f"{run_dir} has no training checkpoint yet")
     tensors, _, state = ckpt.load_checkpoint(latest)
