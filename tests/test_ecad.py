@@ -145,5 +145,6 @@ def test_search_cache_cli_takes_the_agreement_quality_and_refuses_unknown_ones(t
     assert result.exit_code == 0, result.output
     state = json.loads((tmp_path / "a" / "search_state.json").read_text())
     assert state["identity"]["quality"] == "agreement"
+    assert "front (agreement@MACs)" in result.output and "dB@" in result.output  # PSNR, not a pass rate
     bad = CliRunner().invoke(app, base + ["--out", str(tmp_path / "b"), "--quality", "clip"])
     assert bad.exit_code != 0 and "choose accuracy or agreement" in bad.output + str(bad.exception)

@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=600, help="test prompts per evaluation")
     parser.add_argument("--num-samples", type=int, default=None, help="override the recipes' (smoke tests)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the transformer recipes' batch")
+    parser.add_argument("--lr", type=float, default=None, help="override the transformer recipes' learning rate")
     parser.add_argument("--stop-after-training", action="store_true",
                         help="a throughput probe: train, write results.json and metrics.tar, stop")
     parser.add_argument("--models", default=None, help="override the recipes' model presets, e.g. shapes-tiny,shapes-tiny")
@@ -254,6 +255,8 @@ def main() -> None:
         changes["num_samples"] = args.num_samples
     if args.batch_size:
         changes["batch_size"] = args.batch_size
+    if args.lr:
+        changes["lr"] = args.lr
     names = args.runs.split(",")
     t2i_runs = [n for n in names if n != VAE_RUN]
     models = args.models.split(",") if args.models else [None] * len(t2i_runs)

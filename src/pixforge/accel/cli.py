@@ -32,7 +32,8 @@ def search_cache_command(
     """
 
     from pixforge.accel.cache import DeltaDiT, Fora, schedule_macs
-    from pixforge.accel.ecad import ScheduleSearch, SearchConfig, agreement_quality, plot_front, shapes_quality
+    from pixforge.accel.ecad import (AGREEMENT_CAP_DB, ScheduleSearch, SearchConfig, agreement_quality, plot_front,
+                                      shapes_quality)
     from pixforge.errors import PixforgeError
     from pixforge.sampling.pipeline import load_pipeline
 
@@ -60,9 +61,12 @@ def search_cache_command(
     search = ScheduleSearch(quality, macs_ratio, steps, blocks, out, config, identity=identity)
 
     def report(record: dict) -> None:
-        best = ", ".join(f"{100 * q:.0f}%@{r:.2f}" for q, r in record["front"][:6])
+        if quality_kind == "accuracy":
+            best = ", ".join(f"{100 * q:.0f}%@{r:.2f}" for q, r in record["front"][:6])
+        else:  # agreement: PSNR to the uncached images, capped at 40 dB, / 40
+            best = ", ".join(f"{AGREEMENT_CAP_DB * q:.1f}dB@{r:.2f}" for q, r in record["front"][:6])
         typer.echo(f"gen {record['generation']:3d}: {record['new']:3d} new evaluations "
-                   f"({record['seconds']:.0f} s); front (accuracy@MACs): {best}")
+                   f"({record['seconds']:.0f} s); front ({quality_kind}@MACs): {best}")
 
     front = search.run(generations, progress=report)
     path = search.write_front(front)

@@ -312,8 +312,12 @@ def shapes_quality(pipe, n_prompts: int = 32, split: str = "validation", steps: 
     return evaluate
 
 
+AGREEMENT_CAP_DB = 40.0  # agreement quality = min(PSNR, cap) / cap
+
+
 def agreement_quality(pipe, n_prompts: int = 32, split: str = "validation", steps: int = 20, cfg: float | None = None,
-                      height: int | None = None, width: int | None = None, seed: int = 0, cap_db: float = 40.0):
+                      height: int | None = None, width: int | None = None, seed: int = 0,
+                      cap_db: float = AGREEMENT_CAP_DB):
     """A lower-variance quality function: how closely a schedule reproduces the uncached
     generation of the same prompts and seeds, as the mean PSNR against it, capped at `cap_db`
     and divided by it (1.0 = identical). Accuracy on a few dozen prompts varies by several
