@@ -21,22 +21,23 @@ from pixforge.eval.shapes import check
 from pixforge.shapes.world import WorldConfig, sample
 
 
-def load(path: str, max_text_tokens: int, device: str = "cpu", vae_override: str | None = None):
+def load(path: str, max_text_tokens: int, device: str = "cpu", vae_override: str | None = None,
+         checkpoint: str | Path | None = None):
+    """A pipeline from a finished folder, or from a run's newest checkpoint (or `checkpoint`),
+    EMA weights, with the VAE and text length the run trained with."""
     from pixforge.models.text import MiniLMTextEncoder
     from pixforge.models.vae import AutoencoderKL
     from pixforge.sampling.pipeline import PixArtPipeline
 
     if (Path(path) / "checkpoints").is_dir():
-        from pixforge.train.checkpoint import latest_checkpoint, load_checkpoint
-        from pixforge.train.export import model_from_run
+        from pixforge.train.export import model_and_config_from_run
 
-        transformer, step = model_from_run(path)
-        config = load_checkpoint(latest_checkpoint(path))[2]["full_config"]
-        vae = AutoencoderKL.from_pretrained(vae_override or config["vae"])
-        encoder = MiniLMTextEncoder.from_package(default_max_length=config["max_text_tokens"])
+        transformer, step, config = model_and_config_from_run(path, checkpoint=checkpoint)  # one read
+        vae = AutoencoderKL.from_pretrained(vae_override or config.vae)
+        encoder = MiniLMTextEncoder.from_package(default_max_length=config.max_text_tokens)
         pipe = PixArtPipeline(transformer.to(device), vae.to(device), encoder.to(device),
-                              max_sequence_length=config["max_text_tokens"])
-        pipe.prediction_type = config.get("prediction_type", "epsilon")
+                              max_sequence_length=config.max_text_tokens)
+        pipe.prediction_type = config.prediction_type
         return pipe, step
     pipe = PixArtPipeline.from_pretrained(path, device=device)
     if vae_override:  # the same set-up the pipeline gives its own VAE

@@ -171,23 +171,15 @@ def learning_curve(config, n: int, cfg: float) -> list[dict]:
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from t2i_progress import evaluate
+    from t2i_progress import evaluate, load
 
-    from pixforge.models.text import MiniLMTextEncoder
-    from pixforge.models.vae import AutoencoderKL
-    from pixforge.sampling.pipeline import PixArtPipeline
     from pixforge.train.checkpoint import list_checkpoints
-    from pixforge.train.export import model_and_config_from_run
 
     torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    vae = AutoencoderKL.from_pretrained(config.vae).to(device).eval()
-    encoder = MiniLMTextEncoder.from_package(default_max_length=config.max_text_tokens).to(device)
     curve = []
     for path in list_checkpoints(config.output_dir):
-        transformer, step, _ = model_and_config_from_run(config.output_dir, checkpoint=path)
-        pipe = PixArtPipeline(transformer.to(device), vae, encoder, max_sequence_length=config.max_text_tokens)
-        pipe.prediction_type = config.prediction_type
+        pipe, step = load(config.output_dir, config.max_text_tokens, device, checkpoint=path)
         result = evaluate(pipe, n, 0.33, cfg, 20, batch=100)
         curve.append({"step": step, "samples": step * config.batch_size, "cfg": cfg, "n": n,
                       "overall": result["overall"], "per_category": result["per_category"]})
