@@ -16,6 +16,7 @@ from pixforge.shapes.world import (
     WorldConfig,
     canonical_caption,
     from_geneval,
+    parse_mix,
     parse_caption,
     relation_holds_strict,
     render,
@@ -173,3 +174,13 @@ def test_the_world_imports_only_numpy_and_pil():
             "print(sorted(m for m in ('torch', 'scipy', 'matplotlib', 'torchmetrics') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_category_mix_parses_with_unnamed_categories_at_one_and_bad_items_named():
+    assert dict(parse_mix("")) == {c: 1.0 for c in CATEGORIES}
+    assert dict(parse_mix(" position=3, counting=0.5 ")) == {**{c: 1.0 for c in CATEGORIES}, "position": 3.0, "counting": 0.5}
+    for text, message in [("postion=3", "'postion=3'"), ("position", "'position'"), ("position=x", "'x' is not a number"),
+                          ("position=-1", ">= 0"), ("position=nan", ">= 0"), ("position=inf", "finite"),
+                          (",".join(f"{c}=0" for c in CATEGORIES), "no positive weight")]:
+        with pytest.raises(PixforgeError, match=message):
+            parse_mix(text)

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from pixforge.errors import CheckpointError, PixforgeError
+from pixforge.shapes.world import CATEGORIES
 from pixforge.train import checkpoint as ckpt
 from pixforge.train.config import TrainConfig
 from pixforge.train.data import BucketBatches, ImageFolderDataset, bucket_sizes, shard
@@ -146,6 +147,27 @@ def test_invalid_settings_are_named():
         TrainConfig(lr=-1, vae="x")
     with pytest.raises(PixforgeError, match="needs vae="):
         TrainConfig(target="transformer")
+    with pytest.raises(PixforgeError, match="category_mix.*'postion=3'"):
+        TrainConfig(vae="x", category_mix="postion=3")
+
+
+def test_category_mix_weights_the_training_scenes_and_keys_its_own_feature_cache():
+    from pixforge.shapes.world import infer_category
+    from pixforge.train.data import ShapesDataset
+
+    uniform = ShapesDataset(600, [(64, 64)], paraphrase=0.3)
+    weighted = ShapesDataset(600, [(64, 64)], paraphrase=0.3, mix="position=3,counting=2")
+    assert uniform.fingerprint() == "shapes:train:600:[(64, 64)]:0.3:0"  # old cache keys stay valid
+    assert weighted.fingerprint() != uniform.fingerprint()
+
+    def share(dataset, category):
+        return sum(infer_category(dataset.sample(i).scene.spec()) == category for i in range(600)) / 600
+
+    assert 0.10 < share(uniform, "position") < 0.23                 # 1/6
+    assert 0.27 < share(weighted, "position") < 0.40                # 3/9
+    assert 0.16 < share(weighted, "counting") < 0.29                # 2/9
+    only = ShapesDataset(50, [(64, 64)], mix=",".join(f"{c}=0" for c in CATEGORIES if c != "position"))
+    assert {infer_category(only.sample(i).scene.spec()) for i in range(50)} == {"position"}
 
 
 @pytest.fixture(scope="module")

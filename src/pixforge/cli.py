@@ -208,6 +208,7 @@ def shapes_export_command(
     paraphrase: bool = typer.Option(False, "--paraphrase", help="Paraphrased captions instead of the canonical grammar."),
     background_prob: float = typer.Option(0.0, "--background-prob", help="Chance a non-background caption names a background."),
     holdout: str = typer.Option("", "--holdout", help="colour:shape pairs never in train, comma-separated (purple:triangle)."),
+    mix: str = typer.Option("", "--mix", help="Category weights, e.g. position=3,counting=2 (others 1)."),
     seed: int = typer.Option(0, "--seed", help="World seed (another value gives another fixed dataset)."),
     prompts_only: bool = typer.Option(False, "--prompts-only", help="Write only OUT_DIR/prompts_geneval.jsonl."),
 ) -> None:
@@ -223,7 +224,7 @@ def shapes_export_command(
 
     from pixforge.errors import PixforgeError
     from pixforge.shapes.export import PROMPTS, export_split, write_geneval_prompts
-    from pixforge.shapes.world import WorldConfig
+    from pixforge.shapes.world import WorldConfig, parse_mix
 
     pairs = []
     for item in filter(None, (p.strip() for p in holdout.split(","))):
@@ -231,7 +232,7 @@ def shapes_export_command(
             raise PixforgeError(f"--holdout item {item!r} is not colour:shape, e.g. purple:triangle")
         pairs.append(tuple(item.split(":")))
     config = WorldConfig(
-        canvas_sizes=tuple(parse_size(s) for s in sizes.split(",")), paraphrase=paraphrase,
+        canvas_sizes=tuple(parse_size(s) for s in sizes.split(",")), mix=parse_mix(mix), paraphrase=paraphrase,
         background_prob=background_prob, holdout=tuple(pairs), seed=seed,
     )
     if prompts_only:

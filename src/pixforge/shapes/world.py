@@ -201,6 +201,30 @@ class WorldConfig:
             raise PixforgeError(f"holdout removes {len(self.holdout)} of 24 colour-shape pairs; keep at least 3")
 
 
+def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """"position=3,counting=2" -> every category with its weight (unnamed categories keep 1.0).
+
+    The empty string is the uniform mix. Raises PixforgeError naming the bad item."""
+    weights = {c: 1.0 for c in CATEGORIES}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in CATEGORIES:
+            raise PixforgeError(
+                f"category mix item {item!r} is not category=weight with a category from {', '.join(CATEGORIES)}"
+            )
+        try:
+            weight = float(value)
+        except ValueError as error:
+            raise PixforgeError(f"category mix item {item!r}: weight {value.strip()!r} is not a number") from error
+        if not weight >= 0 or weight == float("inf"):
+            raise PixforgeError(f"category mix item {item!r}: the weight must be a finite number >= 0")
+        weights[name] = weight
+    if sum(weights.values()) <= 0:
+        raise PixforgeError(f"category mix {text!r} has no positive weight")
+    return tuple(weights.items())
+
+
 @dataclass(frozen=True)
 class Sample:
     scene: Scene

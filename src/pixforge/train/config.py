@@ -21,7 +21,7 @@ _RUN_IDENTITY = (
     "buckets", "crop_size", "num_samples", "paraphrase", "batch_size", "grad_accum", "lr", "weight_decay",
     "betas", "warmup_steps", "grad_clip", "ema_decay", "learned_sigma_loss", "timestep_sampling",
     "loss_weighting", "min_snr_gamma", "caption_dropout", "precision", "seed", "kl_weight", "distributed",
-    "background_prob", "vae_init", "freeze_encoder", "prediction_type",
+    "background_prob", "category_mix", "vae_init", "freeze_encoder", "prediction_type",
 )
 
 
@@ -39,6 +39,7 @@ class TrainConfig:
     buckets: bool = True                 # multi-aspect buckets (every batch one size)
     crop_size: int = 0                   # vae: random square crops of this side (0 = whole image)
     background_prob: float = 0.0         # shapes world: chance a non-background scene also names a background
+    category_mix: str = ""               # shapes world: category weights, e.g. "position=3,counting=2" (others 1)
     # --- model ----------------------------------------------------------------------
     model: str = "shapes-10m"            # transformer preset name or checkpoint path
     vae: str = ""                        # transformer: trained VAE folder (latents come from it)
@@ -118,6 +119,13 @@ class TrainConfig:
             (self.crop_size % 8 == 0, f"crop_size={self.crop_size} must be a multiple of 8"),
             (self.target != "transformer" or bool(self.vae), "target=transformer needs vae= a trained VAE folder"),
         ]
+        if self.category_mix:
+            from pixforge.shapes.world import parse_mix
+
+            try:
+                parse_mix(self.category_mix)
+            except PixforgeError as error:
+                checks.append((False, f"category_mix: {error}"))
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise PixforgeError("invalid training config: " + "; ".join(problems))

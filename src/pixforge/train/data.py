@@ -62,13 +62,17 @@ class ShapesDataset:
     """`num_samples` samples of the shapes world's split; sample i has a fixed bucket and caption."""
 
     def __init__(self, num_samples: int, sizes: list[tuple[int, int]], split: str = "train",
-                 paraphrase: float = 0.0, seed: int = 0, background_prob: float = 0.0):
-        from pixforge.shapes.world import WorldConfig
+                 paraphrase: float = 0.0, seed: int = 0, background_prob: float = 0.0, mix: str = ""):
+        from pixforge.shapes.world import WorldConfig, parse_mix
 
         self.num_samples, self.sizes, self.split = num_samples, sizes, split
         self.paraphrase, self.seed, self.background_prob = paraphrase, seed, background_prob
+        weights = parse_mix(mix)
+        # The canonical spelling of a non-uniform mix, for the fingerprint ("" when uniform).
+        self.mix = ",".join(f"{c}={w:g}" for c, w in weights if w != 1.0)
         self.worlds = {
-            (size, para): WorldConfig(canvas_sizes=(size,), paraphrase=para, seed=seed, background_prob=background_prob)
+            (size, para): WorldConfig(canvas_sizes=(size,), mix=weights, paraphrase=para, seed=seed,
+                                      background_prob=background_prob)
             for size in sizes for para in (False, True)
         }
         self.buckets = [i % len(sizes) for i in range(num_samples)]
@@ -76,6 +80,7 @@ class ShapesDataset:
 
     def fingerprint(self) -> str:
         extra = f":bg{self.background_prob}" if self.background_prob else ""  # old keys stay valid
+        extra += f":mix[{self.mix}]" if self.mix else ""
         return f"shapes:{self.split}:{self.num_samples}:{self.sizes}:{self.paraphrase}:{self.seed}{extra}"
 
     def _is_paraphrased(self, index: int) -> bool:
@@ -159,10 +164,11 @@ class ImageFolderDataset:
 
 
 def build_dataset(data: str, resolution: int, buckets: bool, num_samples: int, paraphrase: float, seed: int,
-                  background_prob: float = 0.0):
+                  background_prob: float = 0.0, mix: str = ""):
     sizes = bucket_sizes(resolution) if buckets else [(resolution, resolution)]
     if data == "shapes":
-        return ShapesDataset(num_samples, sizes, paraphrase=paraphrase, seed=seed, background_prob=background_prob)
+        return ShapesDataset(num_samples, sizes, paraphrase=paraphrase, seed=seed, background_prob=background_prob,
+                             mix=mix)
     return ImageFolderDataset(data, sizes, buckets)
 
 

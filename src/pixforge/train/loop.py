@@ -342,7 +342,7 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
 
     dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase,
-                            config.seed, config.background_prob)
+                            config.seed, config.background_prob, config.category_mix)
     batches = BucketBatches(tuple(dataset.buckets), config.batch_size * config.grad_accum, config.seed)
     if batches.batches_per_epoch() == 0:
         raise PixforgeError(f"no full batch of {config.batch_size * config.grad_accum} fits any bucket of the data")
@@ -727,7 +727,7 @@ def prepare_features(config: TrainConfig, cache_dir: str | Path, device: str | t
 
     cache_dir = Path(cache_dir)
     dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase,
-                            config.seed, config.background_prob)
+                            config.seed, config.background_prob, config.category_mix)
     text_key, latent_key = feature_keys(config, dataset)
     if not text_cache_path(cache_dir, text_key).exists():  # skip building the encoder on a hit
         encoder = build_text_encoder(config.text_encoder, config.max_text_tokens, device)
