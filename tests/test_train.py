@@ -296,6 +296,18 @@ def test_decoder_only_fine_tuning_keeps_encoder_and_scaling_factor(tmp_path):
         same = torch.equal(value, after.state_dict()[name])
         assert same if name.startswith(("encoder.", "quant_conv.")) else True
     assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
+    # ... so a transformer's latent cache keyed by the base VAE stays valid for the tuned one;
+    # a changed encoder weight gets a new key.
+    from pixforge.train.data import ShapesDataset
+    from pixforge.train.loop import feature_keys
+
+    dataset = ShapesDataset(8, [(64, 64)])
+    key = feature_keys(TrainConfig(vae=str(base)), dataset)[1]
+    assert feature_keys(TrainConfig(vae=str(tmp_path / "tuned" / "final" / "vae")), dataset)[1] == key
+    with torch.no_grad():
+        after.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
+    after.save_pretrained(tmp_path / "encoder-changed")
+    assert feature_keys(TrainConfig(vae=str(tmp_path / "encoder-changed")), dataset)[1] != key
     with pytest.raises(PixforgeError, match="vae_channels"):
         train(tuned_config.replace(vae_channels=(8, 8, 16, 32), output_dir=str(tmp_path / "bad")), progress=False)
 

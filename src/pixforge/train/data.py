@@ -214,12 +214,24 @@ def shard(batch: list[int], rank: int, world_size: int) -> list[int]:
 # Feature cache: text embeddings per unique caption and VAE latents per sample, on disk,
 # keyed by the encoder / VAE weights and the dataset, so later runs skip the encoding.
 # ------------------------------------------------------------------------------------------
-def file_digest(paths: list[Path]) -> str:
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the weights that make a VAE's latents
+
+
+def encoder_digest(vae_folder: str | Path) -> str:
+    """Digest of the VAE weights the latents depend on (encoder + quant_conv: names, dtypes,
+    shapes, bytes). A decoder-only fine-tune leaves it, and so the latent cache, unchanged."""
+    from safetensors import safe_open
+
     digest = hashlib.sha256()
-    for path in sorted(paths):
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+    paths = sorted(Path(vae_folder).glob("*.safetensors"))
+    if not paths:
+        raise PixforgeError(f"{vae_folder} holds no .safetensors weights: expected a trained VAE folder")
+    for path in paths:
+        with safe_open(path, "pt") as handle:
+            for name in sorted(k for k in handle.keys() if k.startswith(ENCODER_PREFIXES)):
+                tensor = handle.get_tensor(name).contiguous()
+                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

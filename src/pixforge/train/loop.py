@@ -25,7 +25,7 @@ from pixforge.errors import CheckpointError, PixforgeError
 from pixforge.train import checkpoint as ckpt
 from pixforge.train.config import TrainConfig, differing_fields
 from pixforge.train.data import (
-    BucketBatches, all_captions, build_dataset, cache_key, file_digest, render_images, shard, text_cache_path,
+    BucketBatches, all_captions, build_dataset, cache_key, encoder_digest, render_images, shard, text_cache_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -713,10 +713,10 @@ def _render_images(indices) -> torch.Tensor:
 
 
 def feature_keys(config: TrainConfig, dataset) -> tuple[str, str]:
-    """Cache keys of the text features and the latents (dataset, encoder, VAE weights)."""
-    vae_hash = file_digest(list(Path(config.vae).glob("*.safetensors")))
+    """Cache keys of the text features (dataset, text encoder) and the latents (dataset, the
+    VAE's encoder weights: a decoder-only fine-tune keeps its latents)."""
     return (cache_key(dataset.fingerprint(), config.text_encoder, str(config.max_text_tokens)),
-            cache_key(dataset.fingerprint(), vae_hash))
+            cache_key(dataset.fingerprint(), "encoder", encoder_digest(config.vae)))
 
 
 @torch.no_grad()
