@@ -149,6 +149,8 @@ def test_invalid_settings_are_named():
         TrainConfig(target="transformer")
     with pytest.raises(PixforgeError, match="category_mix.*'postion=3'"):
         TrainConfig(vae="x", category_mix="postion=3")
+    with pytest.raises(PixforgeError, match="category_mix weights the shapes world"):
+        TrainConfig(vae="x", data="my_images", category_mix="position=3")
 
 
 def test_category_mix_weights_the_training_scenes_and_keys_its_own_feature_cache():
