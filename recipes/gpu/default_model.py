@@ -76,13 +76,12 @@ def check_vocabulary(config) -> None:
 
     from pixforge.models.text import minilm_folder
     from pixforge.shapes.world import WorldConfig, sample
-    from pixforge.train.data import all_captions, build_dataset
+    from pixforge.train.data import all_captions, dataset_for
 
     folder = minilm_folder()
     word = load_file(folder / "model.safetensors")["embeddings.word_embeddings.weight"]
     kept = set(word.abs().sum(dim=1).nonzero().flatten().tolist())
-    dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase,
-                            config.seed, config.background_prob)
+    dataset = dataset_for(config)
     captions = set(all_captions(dataset, config.num_workers))
     captions.update(sample(i, "test", WorldConfig(paraphrase=p)).caption for i in range(600) for p in (False, True))
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -129,7 +128,7 @@ def train_runs(runs: dict, env: dict, budget: float, deadline: float) -> dict:
 def final_folder(config) -> Path:
     """The run's exported pipeline (or VAE) folder; exported from the newest checkpoint if the
     run was stopped before it finished."""
-    from pixforge.train.data import build_dataset
+    from pixforge.train.data import dataset_for
     from pixforge.train.export import export_transformer, export_vae, model_and_config_from_run
 
     vae_run = config.target == "vae"
@@ -139,9 +138,7 @@ def final_folder(config) -> Path:
     model, step, saved = model_and_config_from_run(config.output_dir)
     log(f"{config.output_dir}: exporting the EMA of checkpoint step {step}")
     if vae_run:  # as the training loop exports: a frozen encoder keeps its scaling factor
-        dataset = None if config.freeze_encoder else build_dataset(
-            config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase, config.seed,
-            config.background_prob)
+        dataset = None if config.freeze_encoder else dataset_for(config)
         export_vae(model, folder, dataset, keep_scaling=config.freeze_encoder)
     else:
         export_transformer(model, saved, folder)

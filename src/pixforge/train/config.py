@@ -123,7 +123,6 @@ class TrainConfig:
             from pixforge.shapes.world import parse_mix
 
             checks.append((self.data == "shapes", f"category_mix weights the shapes world; data={self.data!r} is a folder"))
-
             try:
                 parse_mix(self.category_mix)
             except PixforgeError as error:

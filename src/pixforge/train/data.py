@@ -163,6 +163,12 @@ class ImageFolderDataset:
         return len(self.records)
 
 
+def dataset_for(config):
+    """The dataset a TrainConfig describes (every data field of it, in one place)."""
+    return build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase,
+                         config.seed, config.background_prob, config.category_mix)
+
+
 def build_dataset(data: str, resolution: int, buckets: bool, num_samples: int, paraphrase: float, seed: int,
                   background_prob: float = 0.0, mix: str = ""):
     sizes = bucket_sizes(resolution) if buckets else [(resolution, resolution)]

@@ -25,7 +25,7 @@ from pixforge.errors import CheckpointError, PixforgeError
 from pixforge.train import checkpoint as ckpt
 from pixforge.train.config import TrainConfig, differing_fields
 from pixforge.train.data import (
-    BucketBatches, all_captions, build_dataset, cache_key, encoder_digest, render_images, shard, text_cache_path,
+    BucketBatches, all_captions, cache_key, dataset_for, encoder_digest, render_images, shard, text_cache_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -341,8 +341,7 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
     output_dir.mkdir(parents=True, exist_ok=True)
     autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
 
-    dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase,
-                            config.seed, config.background_prob, config.category_mix)
+    dataset = dataset_for(config)
     batches = BucketBatches(tuple(dataset.buckets), config.batch_size * config.grad_accum, config.seed)
     if batches.batches_per_epoch() == 0:
         raise PixforgeError(f"no full batch of {config.batch_size * config.grad_accum} fits any bucket of the data")
@@ -726,8 +725,7 @@ def prepare_features(config: TrainConfig, cache_dir: str | Path, device: str | t
     from pixforge.models.vae import AutoencoderKL
 
     cache_dir = Path(cache_dir)
-    dataset = build_dataset(config.data, config.resolution, config.buckets, config.num_samples, config.paraphrase,
-                            config.seed, config.background_prob, config.category_mix)
+    dataset = dataset_for(config)
     text_key, latent_key = feature_keys(config, dataset)
     if not text_cache_path(cache_dir, text_key).exists():  # skip building the encoder on a hit
         encoder = build_text_encoder(config.text_encoder, config.max_text_tokens, device)
