@@ -217,7 +217,7 @@ def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
             weight = float(value)
         except ValueError as error:
             raise PixforgeError(f"category mix item {item!r}: weight {value.strip()!r} is not a number") from error
-        if not weight >= 0 or weight == float("inf"):
+        if not (math.isfinite(weight) and weight >= 0):
             raise PixforgeError(f"category mix item {item!r}: the weight must be a finite number >= 0")
         weights[name] = weight
     if sum(weights.values()) <= 0:
