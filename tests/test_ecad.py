@@ -57,6 +57,24 @@ def test_first_population_holds_the_heuristic_schedules(tmp_path):
     assert len({genome_key(x) for x in X}) == len(X)
 
 
+def test_late_dense_seeds_compute_more_of_the_late_steps():
+    from pixforge.accel.ecad import heuristic_schedules, late_dense_steps
+
+    chosen = late_dense_steps(20, 8, 0.5)
+    assert chosen == [0, 7, 10, 12, 14, 16, 18, 19]
+    gaps = np.diff(chosen)
+    assert (np.diff(gaps) <= 0).all() and gaps[0] > gaps[-1]  # gaps shrink toward the end
+    seeds = heuristic_schedules(20, 4)
+    late = [s for s in seeds if s.name.startswith("late-dense")]
+    assert late and all(s.compute[10:].mean() > s.compute[:10].mean() for s in late)
+    assert all(s.compute[0].all() and s.compute[-1].all() for s in late)
+
+
+def test_a_search_config_refuses_a_random_fraction_outside_0_1():
+    with pytest.raises(PixforgeError, match="random_fraction"):
+        SearchConfig(random_fraction=1.5)
+
+
 def test_a_resumed_search_continues_from_its_last_generation_without_reevaluating(tmp_path):
     straight = search(tmp_path, "straight")
     straight.run(4)

@@ -13,6 +13,9 @@ def search_cache_command(
     steps: int = typer.Option(20, "--steps", help="Sampling steps the schedules are for."),
     cfg: float = typer.Option(None, "--cfg", help="Guidance scale (default: the model's)."),
     mutation: float = typer.Option(0.05, "--mutation", help="Bit-flip rate per bit."),
+    random_fraction: float = typer.Option(
+        0.5, "--random-fraction",
+        help="Share of the first population drawn at random; the rest are hand-made seeds (late-dense, FORA, Δ-DiT)."),
     seed: int = typer.Option(0, "--seed", help="Search seed (the prompts' seeds are fixed)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
     quality_kind: str = typer.Option(
@@ -54,7 +57,7 @@ def search_cache_command(
 
     make_quality = shapes_quality if quality_kind == "accuracy" else agreement_quality
     quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
-    config = SearchConfig(population=population, mutation_rate=mutation, seed=seed)
+    config = SearchConfig(population=population, mutation_rate=mutation, seed=seed, random_fraction=random_fraction)
     identity = {"model": pipe.model_hash, "prompts": prompts, "cfg": guidance}
     if quality_kind != "accuracy":  # (searches from before the option keep their identity)
         identity["quality"] = quality_kind
