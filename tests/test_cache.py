@@ -54,7 +54,7 @@ def test_all_compute_schedule_is_bit_identical_to_no_cache(model, reuse):
 
 def test_fora_1_teacache_0_first_block_0_equal_no_cache(model):
     reference, _ = denoise(model)
-    for spec in ("fora:1", "teacache:0", "first-block:0"):
+    for spec in ("fora:1", "teacache:0", "first-block:0", "late-dense:1"):
         cached, run = denoise(model, spec)
         assert all(torch.equal(a, b) for a, b in zip(reference, cached)), spec
 
@@ -239,6 +239,7 @@ def test_bad_schedule_files_are_refused_clearly(tmp_path, payload, message):
     "spec, message",
     [("lru:3", "unknown cache policy 'lru'"), ("fora:x", "not a number"), ("fora:0", ">= 1"),
      ("toca:speed=2", "no parameter 'speed'"), ("teacache:nan", "finite"), ("missing/s.json", "not found"),
+     ("late-dense:0", "share of steps computed"), ("late-dense:0.4,gamma=2", "gamma"),
      (42, "not a policy spec")],
 )
 def test_bad_specs_name_the_problem(spec, message):
@@ -257,3 +258,19 @@ def test_specs_parse_to_policies():
     assert C.parse_cache_spec("toca:interval=4,ratio=0.2") == C.ToCa(interval=4, ratio=0.2)
     assert C.parse_cache_spec("teacache:0.2", (2.0, 0.0)).coefficients == (2.0, 0.0)
     assert C.parse_cache_spec("delta-dit:2,boundary=10,blocks=3") == C.DeltaDiT(2, 10.0, 3)
+    assert C.parse_cache_spec("late-dense:0.4,gamma=0.7") == C.LateDense(0.4, 0.7)
+
+
+def test_late_dense_computes_whole_steps_sparse_early_dense_late():
+    assert C.late_dense_steps(20, 8, 0.5) == [0, 7, 10, 12, 14, 16, 18, 19]
+    for steps in (5, 20, 50):
+        for count in range(2, steps + 1):
+            chosen = C.late_dense_steps(steps, count, 0.5)
+            assert len(chosen) == count and chosen[0] == 0 and chosen[-1] == steps - 1
+            assert all(b > a for a, b in zip(chosen, chosen[1:]))
+    gaps = np.diff(C.late_dense_steps(20, 8, 0.5))
+    assert (np.diff(gaps) <= 0).all() and gaps[0] > gaps[-1]  # gaps shrink toward the end
+    schedule = C.LateDense(0.4).schedule(20, 3)
+    per_step = schedule.compute.all(axis=(1, 2))
+    assert per_step.sum() == 8 and (schedule.compute.any(axis=(1, 2)) == per_step).all()  # whole steps
+    assert schedule.compute[10:].mean() > schedule.compute[:10].mean()

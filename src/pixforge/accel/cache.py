@@ -280,6 +280,51 @@ class DeltaDiT:
         return CacheRun(self.schedule(steps, blocks), steps, blocks)
 
 
+def late_dense_steps(steps: int, count: int, gamma: float) -> list[int]:
+    """`count` distinct step indices from 0 to steps - 1, sparse early and dense late: near
+    (steps - 1) * (k / (count - 1)) ** gamma for k < count (gamma <= 1), a rounded index that
+    collides with the next one moved down a step."""
+    count = min(count, steps)
+    if count < 2:
+        return [0]
+    chosen = [round((steps - 1) * (k / (count - 1)) ** gamma) for k in range(count)]
+    for k in range(count - 2, -1, -1):
+        chosen[k] = min(chosen[k], chosen[k + 1] - 1)
+    return chosen
+
+
+@dataclass(frozen=True)
+class LateDense:
+    """Whole steps computed sparse early and dense late (`fraction` of the steps, at
+    `late_dense_steps`), every component reused in between; the first and last steps compute.
+
+    Measured on the shapes model (2026-11-27, 200 validation prompts, no cache 61.5%):
+    reusing every other step in the first half cost nothing (62.5%), in the second half
+    6 points (55.5%). On a linear-in-t step grid the late, low-noise steps span most of
+    the log-SNR range, so that is where computation pays."""
+
+    fraction: float = 0.4
+    gamma: float = 0.5
+
+    def __post_init__(self):
+        if not (isinstance(self.fraction, (int, float)) and 0 < self.fraction <= 1):
+            raise PixforgeError(f"late-dense fraction={self.fraction!r} must be in (0, 1]: the share of steps computed")
+        if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1):
+            raise PixforgeError(f"late-dense gamma={self.gamma!r} must be in (0, 1] (1 = evenly spaced)")
+
+    @property
+    def name(self) -> str:
+        return f"late-dense:{self.fraction:g},gamma={self.gamma:g}"
+
+    def schedule(self, steps: int, blocks: int) -> CacheSchedule:
+        compute = np.zeros((steps, blocks, 3), dtype=bool)
+        compute[late_dense_steps(steps, max(2, round(self.fraction * steps)), self.gamma)] = True
+        return CacheSchedule(compute, name=self.name)
+
+    def start(self, steps: int, blocks: int) -> "CacheRun":
+        return CacheRun(self.schedule(steps, blocks), steps, blocks)
+
+
 # ------------------------------------------------------------------------------------
 # Online policies
 # ------------------------------------------------------------------------------------
@@ -677,14 +722,16 @@ def cross_attention_with_sharpness(attn, x, k, v, bias) -> tuple[torch.Tensor, t
 # ------------------------------------------------------------------------------------
 # Spec strings: what `--cache` and `pipe(cache=...)` accept
 # ------------------------------------------------------------------------------------
-POLICIES = {"fora": Fora, "delta-dit": DeltaDiT, "toca": ToCa, "teacache": TeaCache, "first-block": FirstBlockCache}
+POLICIES = {"fora": Fora, "delta-dit": DeltaDiT, "toca": ToCa, "teacache": TeaCache, "first-block": FirstBlockCache,
+            "late-dense": LateDense}
 # The first positional value of each policy ("fora:3" = interval 3, "teacache:0.1" = threshold 0.1).
 _POSITIONAL = {"fora": "interval", "delta-dit": "interval", "toca": "interval", "teacache": "threshold",
-               "first-block": "threshold"}
+               "first-block": "threshold", "late-dense": "fraction"}
 
 CACHE_HELP = (
     "none | fora:N | delta-dit:interval=2,boundary=0.5,blocks=K | toca:interval=3,ratio=0.3 | "
-    "teacache:THRESHOLD | first-block:THRESHOLD | path/to/schedule.json (ours or ECAD's)"
+    "teacache:THRESHOLD | first-block:THRESHOLD | late-dense:FRACTION,gamma=0.5 | "
+    "path/to/schedule.json (ours or ECAD's)"
 )
 
 
@@ -705,7 +752,7 @@ def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = Non
 
     Returns None for no cache. Raises PixforgeError naming the problem otherwise.
     """
-    if spec is None or isinstance(spec, (Fora, DeltaDiT, ToCa, TeaCache, FirstBlockCache, CacheSchedule)):
+    if spec is None or isinstance(spec, (Fora, DeltaDiT, LateDense, ToCa, TeaCache, FirstBlockCache, CacheSchedule)):
         return spec
     if isinstance(spec, dict):
         return CacheSchedule.from_dict(spec)

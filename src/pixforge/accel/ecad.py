@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pixforge.accel.cache import CacheSchedule, DeltaDiT, Fora
+from pixforge.accel.cache import CacheSchedule, DeltaDiT, Fora, LateDense
 from pixforge.errors import PixforgeError
 
 log = logging.getLogger(__name__)
@@ -54,34 +54,15 @@ def genome_key(bits: np.ndarray) -> str:
     return hashlib.sha1(np.packbits(bits.astype(bool)).tobytes()).hexdigest()[:16]
 
 
-def late_dense_steps(steps: int, count: int, gamma: float) -> list[int]:
-    """`count` step indices from 0 to steps - 1, sparse early and dense late: step
-    (steps - 1) * (k / (count - 1)) ** gamma for gamma < 1 (duplicates after rounding merged)."""
-    if count < 2:
-        return [0]
-    return sorted({round((steps - 1) * (k / (count - 1)) ** gamma) for k in range(count)})
-
-
-def late_dense_schedule(steps: int, blocks: int, count: int, gamma: float) -> CacheSchedule:
-    """Whole steps computed at `late_dense_steps`, everything reused in between. Measured on the
-    shapes model (2026-11-27, 200 validation prompts, no cache 61.5%): reusing every other step
-    in the first half cost nothing (62.5%), in the second half 6 points (55.5%); at 2x MACs this
-    shape scored 59.0% where FORA 2 scored 56.5%, at 2.5x 57.5% where dense-early 37.5%. With a
-    linear-in-t step grid the late, low-noise steps cover most of the log-SNR range."""
-    compute = np.zeros((steps, blocks, 3), dtype=bool)
-    compute[late_dense_steps(steps, count, gamma)] = True
-    return CacheSchedule(compute, name=f"late-dense:{count},gamma={gamma:g}")
-
-
 def heuristic_schedules(steps: int, blocks: int) -> list[CacheSchedule]:
     """Hand-made schedules for the first population: late-dense step sets (the best trade of
     whole-step reuse measured here), FORA 2..5 and gated Δ-DiT variants."""
     out = []
     for fraction in (0.3, 0.4, 0.5, 0.6):  # of the steps computed, cheapest first
         for gamma in (0.5, 0.7):
-            count = max(2, round(fraction * steps))
-            if count < steps:
-                out.append(late_dense_schedule(steps, blocks, count, gamma))
+            schedule = LateDense(fraction, gamma).schedule(steps, blocks)
+            if not schedule.compute.all():
+                out.append(schedule)
     out += [Fora(n).schedule(steps, blocks) for n in (2, 3, 4, 5) if n < steps]
     for boundary in (0.3, 0.5, 0.7):
         for skip in (blocks // 4, blocks // 2):
