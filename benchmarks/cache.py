@@ -9,7 +9,9 @@ checked against torch's FLOP counter in tests) plus the per-step and text overhe
 wall time is the median of --repeats interleaved runs of one generation (1 image, the
 same seed, every policy in turn, so machine noise hits all alike); accuracy is the shapes
 checker on --prompts test-split prompts (held aside from the validation split that ECAD's
-search calibrates on). Prints a table; writes JSON and a plot.
+search calibrates on), with each policy's change against no cache on the same prompts and
+seeds and its paired standard error (the per-prompt pass/fail strings are in the JSON).
+Prints a table; writes JSON and a plot.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from pixforge.sampling.pipeline import load_pipeline
 from pixforge.shapes.world import WorldConfig, sample
 
 HAND_MADE = ["fora:2", "fora:3", "delta-dit:interval=2,boundary=0.5", "toca:interval=3,ratio=0.3",
-             "teacache:0.05", "teacache:0.1", "teacache:0.2", "first-block:0.1"]
+             "teacache:0.05", "teacache:0.1", "teacache:0.2", "first-block:0.1", "late-dense:0.5", "late-dense:0.4"]
 
 
 def generation_macs(pipe, result, batch: int) -> tuple[float, float]:
@@ -48,7 +50,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ecad", default=None, help="pareto.json of `pixforge search-cache`; 3 points are benchmarked")
+    parser.add_argument("--ecad", action="append", default=[],
+                        help="pareto.json of `pixforge search-cache` (repeatable); 3 points of each are benchmarked")
     parser.add_argument("--ecad-speedups", default=None,
                         help="e.g. 1.5,2,2.5: benchmark the best-quality front point at or above each MACs speed-up "
                              "(default: the front's first, middle and last point)")
@@ -64,8 +67,8 @@ def main() -> None:
     policies: dict[str, object] = {}
     for spec in args.policies.split(";"):
         policies[spec] = parse_cache_spec(spec, pipe.teacache_coefficients)
-    if args.ecad:
-        front = json.loads(Path(args.ecad).read_text())["front"]
+    for pareto in args.ecad:
+        front = json.loads(Path(pareto).read_text())["front"]
         if args.ecad_speedups:  # the best-quality point at or above each MACs speed-up
             picks = []
             for floor in (float(x) for x in args.ecad_speedups.split(",")):
@@ -75,9 +78,10 @@ def main() -> None:
             picks = sorted(set(picks))
         else:
             picks = sorted({0, len(front) // 2, len(front) - 1}) if len(front) > 3 else range(len(front))
+        label = f"ecad {Path(pareto).parent.name}" if len(args.ecad) > 1 else "ecad"
         for i in picks:
             point = front[i]
-            policies[f"ecad x{point['speedup_macs']:.2f}"] = CacheSchedule.from_dict(point["schedule"])
+            policies[f"{label} x{point['speedup_macs']:.2f}"] = CacheSchedule.from_dict(point["schedule"])
 
     guided = pipe.guidance_scale > 1
     batch = 2 if guided else 1
@@ -88,25 +92,30 @@ def main() -> None:
 
     print(f"model {args.model or 'embedded default'}; {args.steps} steps; wall: median of {args.repeats}")
     walls = interleaved({name: one(policy) for name, policy in policies.items()}, args.repeats)
-    rows = []
+    rows, per_prompt = [], {}
     base_wall = float(np.median(walls["none"]))
     for name, policy in policies.items():
         result = one(policy if policy is not None else C.Fora(1))()  # fora:1 = no cache, with MAC accounting
         spent, full = generation_macs(pipe, result, batch)
-        passed, start = 0, time.time()
+        passes, start = [], time.time()
         for first in range(0, len(items), args.batch):
             chunk = items[first:first + args.batch]
             out = pipe([it.caption for it in chunk], num_inference_steps=args.steps, seed=first, progress=False,
                        cache=policy)
-            passed += sum(check(image, it.caption).passed for image, it in zip(out.images, chunk))
+            passes += [int(check(image, it.caption).passed) for image, it in zip(out.images, chunk)]
+        per_prompt[name] = np.array(passes)
         rows.append({
             "policy": name, "macs_ratio": full / spent, "wall_ratio": base_wall / float(np.median(walls[name])),
-            "wall_s": median_range(walls[name]), "accuracy": passed / len(items), "n": len(items),
-            "eval_seconds": round(time.time() - start, 1),
+            "wall_s": median_range(walls[name]), "accuracy": float(np.mean(passes)), "n": len(items),
+            "eval_seconds": round(time.time() - start, 1), "passed": "".join(map(str, passes)),
         })
         r = rows[-1]
+        if "none" in per_prompt:  # paired with no cache on the same prompts and seeds
+            d = per_prompt[name] - per_prompt["none"]
+            r["delta"], r["delta_se"] = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        delta = f"  Δ {100 * r['delta']:+5.1f} ± {100 * r['delta_se']:.1f}" if "delta" in r else ""
         print(f"{name:<38} MACs x{r['macs_ratio']:5.2f}  wall x{r['wall_ratio']:5.2f} ({r['wall_s']} s)  "
-              f"accuracy {100 * r['accuracy']:5.1f}%", flush=True)
+              f"accuracy {100 * r['accuracy']:5.1f}%{delta}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "repeats": args.repeats, "blocks": blocks,
                                           "rows": rows}, indent=1))

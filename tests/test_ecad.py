@@ -66,6 +66,36 @@ def test_late_dense_seeds_lead_the_heuristic_schedules():
     assert all(s.compute[10:].mean() > s.compute[:10].mean() and s.compute[-1].all() for s in late)
 
 
+@pytest.mark.parametrize("granularity, width", [("step", 1), ("step-component", 3)])
+def test_coarse_genomes_expand_to_whole_steps_or_component_types(tmp_path, granularity, width):
+    s = search(tmp_path, granularity=granularity, population=6)
+    assert s.n_var == STEPS * width
+    s.run(2)
+    for x in s.algorithm.pop.get("X").astype(bool):
+        compute = s.schedule(x).compute
+        assert compute[0].all()
+        # every block makes the same choice at a step; "step" decides all three components together
+        assert (compute == compute[:, :1, :]).all()
+        if granularity == "step":
+            assert (compute == compute[:, :, :1]).all()
+        assert np.array_equal(s.genome(s.schedule(x)), x)
+    # FORA is a whole-step schedule: expressible at both granularities, and a seed
+    from pixforge.accel.cache import Fora
+
+    fora2 = s.genome(Fora(2).schedule(STEPS, BLOCKS))
+    assert fora2 is not None and any(np.array_equal(x, fora2) for x in s.initial_population())
+    partial = Fora(2).schedule(STEPS, BLOCKS).compute.copy()
+    partial[1, 0, 0] = True  # one block differs: not expressible
+    assert s.genome(CacheSchedule(partial)) is None
+
+
+def test_a_population_larger_than_the_genome_space_is_refused(tmp_path):
+    with pytest.raises(PixforgeError, match="distinct schedules"):
+        search(tmp_path, granularity="step", population=16)  # 4 free steps: 15 schedules
+    with pytest.raises(PixforgeError, match="granularity"):
+        SearchConfig(granularity="block")
+
+
 def test_a_search_config_refuses_a_random_fraction_outside_0_1():
     with pytest.raises(PixforgeError, match="random_fraction"):
         SearchConfig(random_fraction=1.5)

@@ -17,6 +17,10 @@ def search_cache_command(
         0.5, "--random-fraction",
         help="Share of the first population drawn at random; the rest are hand-made seeds (late-dense, FORA, Δ-DiT)."),
     seed: int = typer.Option(0, "--seed", help="Search seed (the prompts' seeds are fixed)."),
+    granularity: str = typer.Option(
+        "component", "--granularity",
+        help="What one genome bit decides: component (ECAD: step x block x component) | step-component "
+             "(a component type in all blocks at a step) | step (a whole step). Coarser for small budgets."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
     quality_kind: str = typer.Option(
         "accuracy", "--quality",
@@ -57,7 +61,8 @@ def search_cache_command(
 
     make_quality = shapes_quality if quality_kind == "accuracy" else agreement_quality
     quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
-    config = SearchConfig(population=population, mutation_rate=mutation, seed=seed, random_fraction=random_fraction)
+    config = SearchConfig(population=population, mutation_rate=mutation, seed=seed, random_fraction=random_fraction,
+                          granularity=granularity)
     identity = {"model": pipe.model_hash, "prompts": prompts, "cfg": guidance}
     if quality_kind != "accuracy":  # (searches from before the option keep their identity)
         identity["quality"] = quality_kind

@@ -32,6 +32,12 @@ from pixforge.errors import PixforgeError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "search_state.json"
+# What one genome bit decides: "component" one component of one block at one step (ECAD's
+# genome, steps x blocks x 3); "step-component" one component type in every block at one step
+# (steps x 3); "step" a whole step (steps). The coarser genomes are for small evaluation
+# budgets, where single-bit changes of the full genome are too small to rank against the
+# quality signal's noise.
+GRANULARITIES = ("component", "step-component", "step")
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,14 @@ class SearchConfig:
     mutation_rate: float = 0.05  # per bit
     random_fraction: float = 0.5  # of the first population; the rest are heuristic schedules
     seed: int = 0
+    granularity: str = "component"  # genome: one bit per step x block x component (ECAD), ...
 
     def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise PixforgeError(f"granularity={self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        self._check()
+
+    def _check(self):
         if self.population < 4:
             raise PixforgeError(f"population={self.population} must be >= 4")
         if not all(0 <= v <= 1 for v in (self.mutation_rate, self.crossover_prob, self.random_fraction)):
@@ -93,18 +105,44 @@ class ScheduleSearch:
         self.steps, self.blocks, self.config = steps, blocks, config
         self.out_dir = Path(out_dir)
         self.identity = {"steps": steps, "blocks": blocks, **asdict(config), **(identity or {})}
+        if config.granularity == "component":  # (searches from before the option keep their identity)
+            del self.identity["granularity"]
+        free_bits = self.n_var - self.step_width  # step 0 always computes
+        if free_bits < 60 and config.population > 2 ** free_bits - 1:
+            raise PixforgeError(
+                f"population {config.population} is larger than the {2 ** free_bits - 1} distinct schedules a "
+                f"{config.granularity}-granularity genome of {steps} steps can express; use a smaller population"
+            )
         self.cache: dict[str, tuple[float, float]] = {}  # genome key -> (quality, macs ratio)
         self.history: list[dict] = []
 
     # --- genome <-> schedule ---------------------------------------------------------------
     @property
+    def step_width(self) -> int:
+        """Genome bits per step."""
+        return {"component": self.blocks * 3, "step-component": 3, "step": 1}[self.config.granularity]
+
+    @property
     def n_var(self) -> int:
-        return self.steps * self.blocks * 3
+        return self.steps * self.step_width
 
     def schedule(self, bits: np.ndarray, name: str = "ecad") -> CacheSchedule:
-        compute = np.asarray(bits, bool).reshape(self.steps, self.blocks, 3).copy()
+        bits = np.asarray(bits, bool).reshape(self.steps, -1)
+        if self.config.granularity == "component":
+            compute = bits.reshape(self.steps, self.blocks, 3).copy()
+        else:  # one decision per step (x component) for every block
+            per_step = bits if bits.shape[1] == 3 else np.repeat(bits, 3, axis=1)
+            compute = np.repeat(per_step[:, None, :], self.blocks, axis=1)
         compute[0] = True
         return CacheSchedule(compute, name=name)
+
+    def genome(self, schedule: CacheSchedule) -> np.ndarray | None:
+        """The genome of a schedule, or None if this granularity cannot express it."""
+        compute = schedule.compute
+        if self.config.granularity == "component":
+            return compute.reshape(-1).copy()
+        bits = compute[:, 0, :] if self.config.granularity == "step-component" else compute[:, 0, :1]
+        return bits.reshape(-1).copy() if np.array_equal(self.schedule(bits).compute, compute) else None
 
     def _objectives(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         X = X.astype(bool)
@@ -118,7 +156,7 @@ class ScheduleSearch:
             for (key, _), schedule, quality in zip(todo, schedules, qualities):
                 self.cache[key] = (float(quality), float(self.macs_ratio(schedule)))
         F = np.array([[1.0 - self.cache[k][0], self.cache[k][1]] for k in keys])
-        reused = (~X[:, self.blocks * 3:]).sum(axis=1)
+        reused = (~X[:, self.step_width:]).sum(axis=1)
         G = (1.0 - reused)[:, None].astype(float)  # feasible (<= 0) when something is reused
         return F, G
 
@@ -131,7 +169,7 @@ class ScheduleSearch:
         from pymoo.core.termination import NoTermination
         from pymoo.operators.mutation.bitflip import BitflipMutation
 
-        first = self.blocks * 3
+        first = self.step_width
 
         class FirstStepComputes(Repair):
             def _do(self, problem, X, **kwargs):
@@ -153,11 +191,12 @@ class ScheduleSearch:
     def initial_population(self) -> np.ndarray:
         c = self.config
         rng = np.random.default_rng(c.seed)
-        first = self.blocks * 3
+        first = self.step_width
         seeds = {}
         for schedule in heuristic_schedules(self.steps, self.blocks):
-            bits = schedule.compute.reshape(-1)
-            seeds.setdefault(genome_key(bits), bits)
+            bits = self.genome(schedule)
+            if bits is not None and not bits[first:].all():
+                seeds.setdefault(genome_key(bits), bits)
         n_heuristic = min(len(seeds), c.population - int(round(c.random_fraction * c.population)))
         rows = dict(list(seeds.items())[:n_heuristic])
         while len(rows) < c.population:

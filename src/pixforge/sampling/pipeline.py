@@ -471,7 +471,7 @@ class PixArtPipeline:
         free_text_encoder: unload the text encoder after encoding (saves memory; later
             calls then fail until a new pipeline is loaded).
         cache: feature caching across steps — a spec ('fora:3', 'delta-dit:...', 'toca:...',
-            'teacache:0.1', 'first-block:0.05'), a schedule JSON path or dict (ours or
+            'teacache:0.1', 'first-block:0.05', 'late-dense:0.4'), a schedule JSON path or dict (ours or
             ECAD's), or a policy object; None = compute everything (see docs/acceleration.md).
         """
         # 1. Check everything before any work.
