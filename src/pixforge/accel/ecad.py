@@ -53,9 +53,6 @@ class SearchConfig:
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise PixforgeError(f"granularity={self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
-        self._check()
-
-    def _check(self):
         if self.population < 4:
             raise PixforgeError(f"population={self.population} must be >= 4")
         if not all(0 <= v <= 1 for v in (self.mutation_rate, self.crossover_prob, self.random_fraction)):
