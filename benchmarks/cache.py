@@ -25,8 +25,7 @@ import torch
 
 from pixforge.accel import cache as C
 from pixforge.accel.cache import CacheSchedule, parse_cache_spec, step_overhead_macs, text_macs
-from pixforge.eval.bench import interleaved, median_range
-from pixforge.eval.shapes import check
+from pixforge.eval.bench import checker_passes, interleaved, median_range
 from pixforge.sampling.pipeline import load_pipeline
 from pixforge.shapes.world import WorldConfig, sample
 
@@ -97,12 +96,8 @@ def main() -> None:
     for name, policy in policies.items():
         result = one(policy if policy is not None else C.Fora(1))()  # fora:1 = no cache, with MAC accounting
         spent, full = generation_macs(pipe, result, batch)
-        passes, start = [], time.time()
-        for first in range(0, len(items), args.batch):
-            chunk = items[first:first + args.batch]
-            out = pipe([it.caption for it in chunk], num_inference_steps=args.steps, seed=first, progress=False,
-                       cache=policy)
-            passes += [int(check(image, it.caption).passed) for image, it in zip(out.images, chunk)]
+        start = time.time()
+        passes = checker_passes(pipe, items, args.steps, policy, args.batch)
         per_prompt[name] = np.array(passes)
         rows.append({
             "policy": name, "macs_ratio": full / spent, "wall_ratio": base_wall / float(np.median(walls[name])),

@@ -16,23 +16,17 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pixforge.accel.cache import CacheSchedule, LateDense, schedule_macs
-from pixforge.eval.shapes import check
+from pixforge.eval.bench import checker_passes
 from pixforge.sampling.pipeline import load_pipeline
 from pixforge.shapes.world import WorldConfig, sample
 
 
-def whole_steps(steps: int, blocks: int, computed, name: str) -> CacheSchedule:
-    compute = np.zeros((steps, blocks, 3), dtype=bool)
-    compute[sorted(set(computed))] = True
-    return CacheSchedule(compute, name=name)
-
-
 def candidates(steps: int, blocks: int) -> list[CacheSchedule]:
     half = steps // 2
+    whole_steps = CacheSchedule.whole_steps
     every = lambda start, stop, n: list(range(start, stop, n))  # noqa: E731
     out = [
         whole_steps(steps, blocks, range(steps), "none"),
@@ -45,10 +39,7 @@ def candidates(steps: int, blocks: int) -> list[CacheSchedule]:
         whole_steps(steps, blocks, [0, 5] + list(range(half, steps)), "0, 5, then all from 10"),
         whole_steps(steps, blocks, [0, 6] + list(range(12, steps)), "0, 6, then all from 12"),
     ]
-    for fraction in (0.5, 0.45, 0.4):
-        schedule = LateDense(fraction).schedule(steps, blocks)
-        out.append(CacheSchedule(schedule.compute, name=schedule.name))
-    return out
+    return out + [LateDense(fraction).schedule(steps, blocks) for fraction in (0.5, 0.45, 0.4)]
 
 
 def main() -> None:
@@ -69,12 +60,8 @@ def main() -> None:
     for schedule in candidates(args.steps, blocks):
         speedup = schedule_macs(pipe.transformer, schedule, size, size, pipe.max_sequence_length, batch=batch,
                                 vae_scale_factor=pipe.vae_scale_factor)["ratio"]  # no-cache MACs / these
-        passed, start = 0, time.time()
-        for first in range(0, len(items), args.batch):
-            chunk = items[first:first + args.batch]
-            out = pipe([it.caption for it in chunk], num_inference_steps=args.steps, seed=first, progress=False,
-                       cache=schedule)
-            passed += sum(check(image, it.caption).passed for image, it in zip(out.images, chunk))
+        start = time.time()
+        passed = sum(checker_passes(pipe, items, args.steps, schedule, args.batch))
         computed = [s for s in range(args.steps) if schedule.compute[s].all()]
         rows.append({"schedule": schedule.name, "macs_ratio": 1 / speedup, "speedup_macs": speedup,
                      "accuracy": passed / len(items), "computed_steps": computed, "seconds": round(time.time() - start, 1)})

@@ -90,6 +90,13 @@ class CacheSchedule:
     def all_compute(cls, steps: int, blocks: int) -> "CacheSchedule":
         return cls(np.ones((steps, blocks, 3), dtype=bool), name="none")
 
+    @classmethod
+    def whole_steps(cls, steps: int, blocks: int, computed, name: str = "custom") -> "CacheSchedule":
+        """Every component of every block computed at the steps in `computed`, reused at the others."""
+        compute = np.zeros((steps, blocks, 3), dtype=bool)
+        compute[sorted(set(computed))] = True
+        return cls(compute, name=name)
+
     @property
     def compute_fraction(self) -> float:
         return float(self.compute.mean())
@@ -232,9 +239,7 @@ class Fora:
         return f"fora:{self.interval}"
 
     def schedule(self, steps: int, blocks: int) -> CacheSchedule:
-        compute = np.zeros((steps, blocks, 3), dtype=bool)
-        compute[:: self.interval] = True
-        return CacheSchedule(compute, name=self.name)
+        return CacheSchedule.whole_steps(steps, blocks, range(0, steps, self.interval), self.name)
 
     def start(self, steps: int, blocks: int) -> "CacheRun":
         return CacheRun(self.schedule(steps, blocks), steps, blocks)
@@ -317,9 +322,8 @@ class LateDense:
         return f"late-dense:{self.fraction:g},gamma={self.gamma:g}"
 
     def schedule(self, steps: int, blocks: int) -> CacheSchedule:
-        compute = np.zeros((steps, blocks, 3), dtype=bool)
-        compute[late_dense_steps(steps, max(2, round(self.fraction * steps)), self.gamma)] = True
-        return CacheSchedule(compute, name=self.name)
+        computed = late_dense_steps(steps, max(2, round(self.fraction * steps)), self.gamma)
+        return CacheSchedule.whole_steps(steps, blocks, computed, self.name)
 
     def start(self, steps: int, blocks: int) -> "CacheRun":
         return CacheRun(self.schedule(steps, blocks), steps, blocks)

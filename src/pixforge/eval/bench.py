@@ -29,3 +29,18 @@ def timed_pair(baseline: Callable[[], object], ours: Callable[[], object], repea
 def median_range(values: list[float], digits: int = 3) -> str:
     """'median (min–max)'."""
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25) -> list[int]:
+    """The shapes checker's verdict (1 pass, 0 fail) on one generation per item (`items`:
+    shapes-world samples), in chunks of `batch` prompts seeded with the index of their first
+    item, so every policy or schedule compared sees the same prompts and seeds."""
+    from pixforge.eval.shapes import check
+
+    passes = []
+    for first in range(0, len(items), batch):
+        chunk = items[first:first + batch]
+        out = pipe([item.caption for item in chunk], num_inference_steps=steps, seed=first, progress=False,
+                   cache=cache)
+        passes += [int(check(image, item.caption).passed) for image, item in zip(out.images, chunk)]
+    return passes
