@@ -274,3 +274,49 @@ def test_late_dense_computes_whole_steps_sparse_early_dense_late():
     per_step = schedule.compute.all(axis=(1, 2))
     assert per_step.sum() == 8 and (schedule.compute.any(axis=(1, 2)) == per_step).all()  # whole steps
     assert schedule.compute[10:].mean() > schedule.compute[:10].mean()
+
+
+# --------------------------------------------------------------------------- CFG-cache
+def test_cfg_cache_specs_and_schedules(tmp_path):
+    assert C.parse_cache_spec("cfg-cache:3") == C.CfgCache(3)
+    combined = C.parse_cache_spec("fora:2+cfg-cache:3")
+    assert combined == C.WithCfgCache(C.Fora(2), C.CfgCache(3)) and combined.name == "fora:2+cfg-cache:3"
+    schedule = combined.schedule(7, 4)
+    assert schedule.guidance.tolist() == [True, False, False, True, False, False, True]
+    assert np.array_equal(schedule.compute, C.Fora(2).schedule(7, 4).compute)
+    loaded = C.parse_cache_spec(str(schedule.save(tmp_path / "s.json")) + "+cfg-cache:2")  # file + cfg-cache
+    assert loaded.schedule(7, 4).guidance.tolist() == [True, False, False, False, False, False, True]
+    assert C.CacheSchedule.load(tmp_path / "s.json") == schedule
+    assert "guidance" not in C.Fora(2).schedule(7, 4).to_dict()  # files without CFG-cache are unchanged
+    assert C.CfgCache(1).schedule(7, 4).guidance is None  # every step runs both branches: the canonical form
+    assert C.parse_cache_spec("teacache:0.1+cfg-cache:2").start(7, 4).guidance.tolist() == [1, 0, 1, 0, 1, 0, 1]
+    with pytest.raises(PixforgeError, match="no unconditional-branch reuse"):
+        schedule.to_ecad()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("toca:3+cfg-cache:2", "does not combine with toca"), ("cfg-cache:2+cfg-cache:3", "given twice"),
+     ("fora:2+foo:1", "only cfg-cache:N combines"), ("cfg-cache:0", ">= 1")],
+)
+def test_bad_cfg_cache_specs_name_the_problem(spec, message):
+    with pytest.raises(PixforgeError, match=message):
+        C.parse_cache_spec(spec)
+
+
+@pytest.mark.parametrize("guidance, message", [("0111", "step 0"), ("101", "4 0/1 digits"), ("1x11", "0/1 digits")])
+def test_bad_guidance_in_schedule_files_is_refused(tmp_path, guidance, message):
+    data = C.Fora(2).schedule(4, 2).to_dict()
+    data["guidance"] = guidance
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PixforgeError, match=message):
+        C.CacheSchedule.load(path)
+
+
+def test_schedule_macs_of_cfg_cache_count_half_batch_steps(model):
+    schedule = C.CfgCache(2).schedule(STEPS, 4)  # steps 0, 2, 4, 6 run both branches: 4 of 7
+    macs = C.schedule_macs(model, schedule, 64, 64, text_len=5, batch=2)
+    assert macs["blocks"] == pytest.approx(macs["blocks_no_cache"] * (4 + 3 * 0.5) / 7)
+    with pytest.raises(PixforgeError, match="CFG batch"):
+        C.schedule_macs(model, schedule, 64, 64, text_len=5, batch=1)

@@ -423,3 +423,57 @@ def test_a_v_prediction_model_folder_round_trips_and_converts_to_eps(tmp_path):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="prediction_type='sample'"):
         PixArtPipeline.from_pretrained(folder)
+
+
+# --------------------------------------------------------------------------- CFG-cache
+def test_cfg_cache_step_reuses_the_last_guidance_delta():
+    """A step that skips the unconditional branch returns ε_c + (s − 1)(ε_c − ε_u) of the last
+    full step, with ε_c computed fresh on the conditional half of the batch alone."""
+    from helpers.tiny_transformer import random_transformer
+
+    from pixforge.accel.cache import CfgCache
+
+    model = random_transformer("tiny", num_layers=3).eval()
+    g = torch.Generator().manual_seed(0)
+    channels, batch, scale = model.config.in_channels, 2, 3.0
+    text = torch.randn(2 * batch, 5, model.config.caption_channels, generator=g)  # [uncond, cond]
+    extra = {}
+    if model.config.uses_micro_conditions:
+        extra = {"resolution": torch.full((2 * batch, 2), 64.0), "aspect_ratio": torch.ones(2 * batch, 1)}
+    x0, x1 = torch.randn(2, batch, channels, 8, 8, generator=g)
+    t0, t1 = torch.tensor(900.0), torch.tensor(700.0)
+    with torch.no_grad():
+        context = model.prepare_text(text, torch.ones(2 * batch, 5))
+        run = CfgCache(2).start(4, 3)
+        fn = P.guided_model_fn(model, context, scale, channels, cache=run, **extra)
+        first, second = fn(x0, t0), fn(x1, t1)
+        plain = P.guided_model_fn(model, context, scale, channels, **extra)
+        full0 = model(torch.cat([x0, x0]), t0, text_context=context, **extra).float()
+        u0, c0 = full0[:, :channels].chunk(2)
+        c1 = model(torch.cat([x1, x1]), t1, text_context=context, **extra).float()[batch:, :channels]
+        assert torch.equal(first, plain(x0, t0))
+        assert torch.allclose(second, c1 + (scale - 1) * (c0 - u0), atol=1e-5)
+        assert not torch.allclose(second, plain(x1, t1), atol=1e-3)
+    assert run.macs_spent * 4 == 3 * run.macs_full  # the second step ran half the batch
+
+
+def test_cfg_cache_in_a_generation(pipe):
+    from pixforge.accel.cache import CacheSchedule, schedule_macs
+
+    plain = generate(pipe, seed=3).latents
+    assert torch.equal(generate(pipe, seed=3, cache="cfg-cache:1").latents, plain)
+    assert torch.equal(generate(pipe, seed=3, cache="teacache:0+cfg-cache:1").latents, plain)
+    assert torch.equal(generate(pipe, seed=3, cache="cfg-cache:2", guidance_scale=1.0).latents,
+                       generate(pipe, seed=3, guidance_scale=1.0).latents)  # nothing to reuse without CFG
+    result = generate(pipe, seed=3, cache="fora:2+cfg-cache:3")
+    assert not torch.equal(result.latents, plain)
+    assert result.metadata[0].cache == "fora:2+cfg-cache:3"
+    layers = pipe.transformer.config.num_layers
+    schedule = CacheSchedule.whole_steps(STEPS, layers, range(0, STEPS, 2)).with_guidance(np.arange(STEPS) % 3 == 0)
+    size = pipe.native_size
+    analytic = schedule_macs(pipe.transformer, schedule, size, size, pipe.max_sequence_length, batch=2,
+                             vae_scale_factor=pipe.vae_scale_factor)
+    assert (result.cache.macs_spent, result.cache.macs_full) == (analytic["blocks"], analytic["blocks_no_cache"])
+    assert analytic["ratio"] > 2 * 1.3  # half the steps' blocks, and 2 of 3 steps on half the batch
+    adaptive = generate(pipe, seed=3, cache="teacache:0.5+cfg-cache:2")
+    assert adaptive.cache.macs_spent < result.cache.macs_full

@@ -140,9 +140,28 @@ def guided_model_fn(
             timesteps, None if resolution is None else resolution[:1], None if aspect_ratio is None else aspect_ratio[:1]
         )
 
+    cfg_cache = guided and cache is not None and getattr(cache, "guidance", None) is not None
+    if cfg_cache:  # the conditional half of everything, for the steps that skip the unconditional branch
+        half = text_context.batch_size // 2
+        cond_context = TextContext([(k[half:], v[half:]) for k, v in text_context.kv],
+                                   None if text_context.bias is None else text_context.bias[half:])
+        cond_resolution = None if resolution is None else resolution[half:]
+        cond_aspect_ratio = None if aspect_ratio is None else aspect_ratio[half:]
+
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        model_input = torch.cat([x, x]) if guided else x  # (2B | B, C, h, w)
         condition = table.get(float(t)) if table and t.ndim == 0 else None
+        if cfg_cache and cache.reuses_guidance():  # CFG-cache: ε_c + (s - 1)·(ε_c − ε_u) of the last full step
+            cache.rows = slice(half, 2 * half)
+            try:
+                out = transformer(x, t, text_context=cond_context, resolution=cond_resolution,
+                                  aspect_ratio=cond_aspect_ratio, cache=cache, condition=condition)
+            finally:
+                cache.rows = None
+            eps = S.split_learned_sigma(out.float(), latent_channels)
+            if prediction_type == "v_prediction":
+                eps = S.v_to_eps(eps, x.float(), t, noise)
+            return torch.add(eps, cache.guidance_delta, alpha=guidance_scale - 1.0)
+        model_input = torch.cat([x, x]) if guided else x  # (2B | B, C, h, w)
         out = transformer(
             model_input, t, text_context=text_context, resolution=resolution, aspect_ratio=aspect_ratio,
             cache=cache, condition=condition,
@@ -152,6 +171,8 @@ def guided_model_fn(
             eps = S.v_to_eps(eps, model_input.float(), t, noise)
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
+            if cfg_cache:
+                cache.guidance_delta = eps_cond - eps_uncond
             eps = S.cfg_combine(eps_uncond, eps_cond, guidance_scale)
         return eps
 
