@@ -4,7 +4,8 @@
     python benchmarks/cache.py --model DIR --prompts 300 --repeats 3 --ecad runs/ecad/pareto.json
 
 Policies: no cache, FORA 2/3, Δ-DiT, ToCa, TeaCache at several thresholds, first-block,
-and up to 3 ECAD Pareto points (--ecad). MACs come from the run's own accounting (exact,
+late-dense, CFG-cache alone and with other policies, and up to 3 ECAD Pareto points per
+front (--ecad). MACs come from the run's own accounting (exact,
 checked against torch's FLOP counter in tests) plus the per-step and text overheads;
 wall time is the median of --repeats interleaved runs of one generation (1 image, the
 same seed, every policy in turn, so machine noise hits all alike); accuracy is the shapes
@@ -38,9 +39,11 @@ def generation_macs(pipe, result, batch: int) -> tuple[float, float]:
     run = result.cache
     size = result.latents.shape[-2:]
     tokens = (size[0] // pipe.transformer.config.patch_size) * (size[1] // pipe.transformer.config.patch_size)
-    fixed = step_overhead_macs(pipe.transformer, batch, tokens) * run.steps
-    fixed += text_macs(pipe.transformer, batch, pipe.max_sequence_length)
-    return run.macs_spent + fixed, run.macs_full + fixed
+    overhead = step_overhead_macs(pipe.transformer, batch, tokens)
+    text = text_macs(pipe.transformer, batch, pipe.max_sequence_length)
+    # CFG-cache steps run the conditional half of the batch only
+    steps_run = run.steps if run.guidance is None or batch == 1 else float(np.where(run.guidance, 1.0, 0.5).sum())
+    return run.macs_spent + overhead * steps_run + text, run.macs_full + overhead * run.steps + text
 
 
 def main() -> None:
