@@ -148,6 +148,12 @@ def guided_model_fn(
         cond_resolution = None if resolution is None else resolution[half:]
         cond_aspect_ratio = None if aspect_ratio is None else aspect_ratio[half:]
 
+    def eps_of(out: torch.Tensor, model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = S.split_learned_sigma(out.float(), latent_channels)
+        if prediction_type == "v_prediction":
+            eps = S.v_to_eps(eps, model_input.float(), t, noise)
+        return eps
+
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         condition = table.get(float(t)) if table and t.ndim == 0 else None
         if cfg_cache and cache.reuses_guidance():  # CFG-cache: ε_c + (s - 1)·(ε_c − ε_u) of the last full step
@@ -157,18 +163,13 @@ def guided_model_fn(
                                   aspect_ratio=cond_aspect_ratio, cache=cache, condition=condition)
             finally:
                 cache.rows = None
-            eps = S.split_learned_sigma(out.float(), latent_channels)
-            if prediction_type == "v_prediction":
-                eps = S.v_to_eps(eps, x.float(), t, noise)
-            return torch.add(eps, cache.guidance_delta, alpha=guidance_scale - 1.0)
+            return torch.add(eps_of(out, x, t), cache.guidance_delta, alpha=guidance_scale - 1.0)
         model_input = torch.cat([x, x]) if guided else x  # (2B | B, C, h, w)
         out = transformer(
             model_input, t, text_context=text_context, resolution=resolution, aspect_ratio=aspect_ratio,
             cache=cache, condition=condition,
         )  # (2B | B, C or 2C, h, w)
-        eps = S.split_learned_sigma(out.float(), latent_channels)
-        if prediction_type == "v_prediction":
-            eps = S.v_to_eps(eps, model_input.float(), t, noise)
+        eps = eps_of(out, model_input, t)
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             if cfg_cache:
