@@ -151,6 +151,19 @@ def test_invalid_settings_are_named():
         TrainConfig(vae="x", category_mix="postion=3")
     with pytest.raises(PixforgeError, match="category_mix weights the shapes world"):
         TrainConfig(vae="x", data="my_images", category_mix="position=3")
+    with pytest.raises(PixforgeError, match=r"timestep_range=\[900, 300\]"):
+        TrainConfig(vae="x", timestep_range=(900, 300))
+
+
+@pytest.mark.parametrize("how", ["uniform", "logit-normal"])
+def test_timestep_range_bounds_the_training_timesteps(how):
+    from pixforge.train.loop import sample_timesteps
+
+    t = sample_timesteps(4000, how, torch.Generator().manual_seed(0), low=300, high=900)
+    assert int(t.min()) >= 300 and int(t.max()) <= 899 and t.float().std() > 100
+    everything = sample_timesteps(64, how, torch.Generator().manual_seed(1))
+    assert torch.equal(everything, sample_timesteps(64, how, torch.Generator().manual_seed(1), low=0, high=1000))
+    assert TrainConfig(vae="x", timestep_range=[300, 900]).identity()["timestep_range"] == [300, 900]
 
 
 def test_category_mix_weights_the_training_scenes_and_keys_its_own_feature_cache():

@@ -21,7 +21,7 @@ _RUN_IDENTITY = (
     "buckets", "crop_size", "num_samples", "paraphrase", "batch_size", "grad_accum", "lr", "weight_decay",
     "betas", "warmup_steps", "grad_clip", "ema_decay", "learned_sigma_loss", "timestep_sampling",
     "loss_weighting", "min_snr_gamma", "caption_dropout", "precision", "seed", "kl_weight", "distributed",
-    "background_prob", "category_mix", "vae_init", "freeze_encoder", "prediction_type",
+    "background_prob", "category_mix", "vae_init", "freeze_encoder", "prediction_type", "timestep_range",
 )
 
 
@@ -72,6 +72,7 @@ class TrainConfig:
     prediction_type: str = "epsilon"     # epsilon (PixArt) | v_prediction
     learned_sigma_loss: bool = True      # IDDPM hybrid: + VLB on the learned variance
     timestep_sampling: str = "uniform"   # uniform | logit-normal
+    timestep_range: tuple = (0, 1000)    # [low, high) of the training timesteps (e.g. (300, 1000): the layout-deciding ones)
     loss_weighting: str = "none"         # none | min-snr
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
@@ -92,11 +93,14 @@ class TrainConfig:
     num_workers: int = 0                 # processes rendering/decoding images for the feature cache
 
     def __post_init__(self) -> None:
-        for name in ("vae_channels", "betas", "sample_prompts"):
+        for name in ("vae_channels", "betas", "sample_prompts", "timestep_range"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         checks = [
             (self.target in TARGETS, f"target={self.target!r}; choose {TARGETS}"),
             (self.timestep_sampling in TIMESTEP_SAMPLING, f"timestep_sampling={self.timestep_sampling!r}; choose {TIMESTEP_SAMPLING}"),
+            (len(self.timestep_range) == 2 and all(isinstance(v, int) for v in self.timestep_range)
+             and 0 <= self.timestep_range[0] < self.timestep_range[1] <= 1000,
+             f"timestep_range={list(self.timestep_range)} must be [low, high) integers with 0 <= low < high <= 1000"),
             (self.loss_weighting in LOSS_WEIGHTING, f"loss_weighting={self.loss_weighting!r}; choose {LOSS_WEIGHTING}"),
             (self.prediction_type in ("epsilon", "v_prediction"), f"prediction_type={self.prediction_type!r}; choose epsilon or v_prediction"),
             (self.precision in PRECISIONS, f"precision={self.precision!r}; choose {PRECISIONS}"),

@@ -100,12 +100,15 @@ def vlb_term(schedule, x0, x_t, t, eps_pred, var_interp) -> torch.Tensor:
     return torch.where(t == 0, nll, kl)
 
 
-def sample_timesteps(batch: int, how: str, generator: torch.Generator, num_train_timesteps: int = 1000) -> torch.Tensor:
+def sample_timesteps(batch: int, how: str, generator: torch.Generator, num_train_timesteps: int = 1000,
+                     low: int = 0, high: int | None = None) -> torch.Tensor:
+    """Training timesteps in [low, high) (default: all): uniform, or logit-normal over that range."""
+    high = num_train_timesteps if high is None else high
     if how == "uniform":
-        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+        return torch.randint(low, high, (batch,), generator=generator)
     # logit-normal (SD3): more weight on the middle of the schedule
     u = torch.sigmoid(torch.randn(batch, generator=generator))
-    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    return (low + u * (high - low)).long().clamp(low, high - 1)
 
 
 def diffusion_loss(model, schedule, x0, text, mask, t, noise, config: TrainConfig):
@@ -518,7 +521,8 @@ def train(config: TrainConfig, stop_after: int | None = None, progress: bool = T
                                 drop = drop.to(device)
                                 text[drop] = null_text[0]
                                 mask[drop] = null_text[1]
-                            t = sample_timesteps(len(micro_batch), config.timestep_sampling, data_generator)
+                            t = sample_timesteps(len(micro_batch), config.timestep_sampling, data_generator,
+                                                 low=config.timestep_range[0], high=config.timestep_range[1])
                             noise = torch.randn(x0.shape, generator=data_generator)
                             sl = slice(lo, lo + len(local))
                             loss = diffusion_loss(
