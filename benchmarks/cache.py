@@ -26,9 +26,8 @@ import torch
 
 from pixforge.accel import cache as C
 from pixforge.accel.cache import CacheSchedule, parse_cache_spec, step_overhead_macs, text_macs
-from pixforge.eval.bench import checker_passes, interleaved, median_range
+from pixforge.eval.bench import checker_passes, interleaved, median_range, shapes_items
 from pixforge.sampling.pipeline import load_pipeline
-from pixforge.shapes.world import WorldConfig, sample
 
 HAND_MADE = ["fora:2", "fora:3", "delta-dit:interval=2,boundary=0.5", "toca:interval=3,ratio=0.3",
              "teacache:0.05", "teacache:0.1", "teacache:0.2", "first-block:0.1", "late-dense:0.5", "late-dense:0.4"]
@@ -87,7 +86,7 @@ def main() -> None:
 
     guided = pipe.guidance_scale > 1
     batch = 2 if guided else 1
-    items = [sample(i, "test", WorldConfig(paraphrase=(i % 3 == 2))) for i in range(args.prompts)]
+    items = shapes_items(args.prompts, "test")
 
     def one(policy):
         return lambda: pipe(items[0].caption, num_inference_steps=args.steps, seed=0, progress=False, cache=policy)

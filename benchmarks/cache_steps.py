@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from pixforge.accel.cache import CacheSchedule, LateDense, schedule_macs
-from pixforge.eval.bench import checker_passes
+from pixforge.eval.bench import checker_passes, shapes_items
 from pixforge.sampling.pipeline import load_pipeline
-from pixforge.shapes.world import WorldConfig, sample
 
 
 def candidates(steps: int, blocks: int) -> list[CacheSchedule]:
@@ -55,7 +54,7 @@ def main() -> None:
     blocks = pipe.transformer.config.num_layers
     size = pipe.native_size
     batch = 2 if pipe.guidance_scale > 1 else 1
-    items = [sample(i, "validation", WorldConfig(paraphrase=(i % 3 == 2))) for i in range(args.prompts)]
+    items = shapes_items(args.prompts, "validation")
     rows = []
     for schedule in candidates(args.steps, blocks):
         speedup = schedule_macs(pipe.transformer, schedule, size, size, pipe.max_sequence_length, batch=batch,

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from pixforge.accel.cache import CacheRun, CfgCache
-from pixforge.eval.bench import checker_passes
+from pixforge.eval.bench import checker_passes, shapes_items
 from pixforge.sampling.pipeline import load_pipeline
-from pixforge.shapes.world import WorldConfig, sample
 
 
 class _GuidanceOffRun(CacheRun):
@@ -77,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     pipe = load_pipeline(args.model)
-    items = [sample(i, "validation", WorldConfig(paraphrase=(i % 3 == 2))) for i in range(args.prompts)]
+    items = shapes_items(args.prompts, "validation")
     rows = []
     for mode in ("reuse", "off"):
         for name, run in patterns(args.steps).items():

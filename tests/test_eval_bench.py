@@ -25,3 +25,13 @@ def test_checker_passes_chunks_seeds_and_verdicts():
     passes = checker_passes(pipe, items, steps=20, cache="fora:2", batch=3)
     assert passes == [1, 1, 1, 1, 0, 1, 1]
     assert pipe.calls == [(3, 0, 20, "fora:2"), (3, 3, 20, "fora:2"), (1, 6, 20, "fora:2")]
+
+
+def test_shapes_items_paraphrase_every_third_caption_of_the_split():
+    from pixforge.eval.bench import shapes_items
+    from pixforge.shapes.world import WorldConfig, sample
+
+    items = shapes_items(6, "test")
+    assert [item.split for item in items] == ["test"] * 6
+    assert [item.caption for item in items] == [
+        sample(i, "test", WorldConfig(paraphrase=i % 3 == 2)).caption for i in range(6)]

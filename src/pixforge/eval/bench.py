@@ -31,6 +31,15 @@ def median_range(values: list[float], digits: int = 3) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
+def shapes_items(n: int, split: str = "validation") -> list:
+    """The benchmarks' prompts: shapes-world samples 0..n-1 of `split`, every third caption
+    paraphrased (validation = what ECAD calibrates on; test = held aside for reporting)."""
+    from pixforge.shapes.world import WorldConfig, sample
+
+    plain, paraphrased = WorldConfig(), WorldConfig(paraphrase=True)
+    return [sample(i, split, paraphrased if i % 3 == 2 else plain) for i in range(n)]
+
+
 def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25) -> list[int]:
     """The shapes checker's verdict (1 pass, 0 fail) on one generation per item (`items`:
     shapes-world samples), in chunks of `batch` prompts seeded with the index of their first
