@@ -186,14 +186,14 @@ class ScheduleSearch:
         if schedule.guidance is not None and not self.config.guidance:
             return None
         compute = schedule.compute
-        if self.config.granularity == "component":
-            bits = compute.reshape(-1).copy()
-        else:
-            bits = (compute[:, 0, :] if self.config.granularity == "step-component" else compute[:, 0, :1]).reshape(-1)
-            if not np.array_equal(self.schedule(np.concatenate([bits, schedule.guidance_mask])
-                                                if self.config.guidance else bits).compute, compute):
-                return None
-        return np.concatenate([bits, schedule.guidance_mask]) if self.config.guidance else bits.copy()
+        granularity = self.config.granularity
+        block_bits = compute if granularity == "component" else compute[:, 0, :3 if granularity == "step-component" else 1]
+        bits = block_bits.reshape(-1).copy()
+        if self.config.guidance:
+            bits = np.concatenate([bits, schedule.guidance_mask])
+        if granularity != "component" and not np.array_equal(self.schedule(bits).compute, compute):
+            return None  # blocks (or components) differ within a step: a coarse genome cannot hold it
+        return bits
 
     def _objectives(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         X = X.astype(bool)
