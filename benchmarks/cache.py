@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pixforge.accel import cache as C
-from pixforge.accel.cache import CacheSchedule, parse_cache_spec, step_overhead_macs, text_macs
+from pixforge.accel.cache import CacheSchedule, batch_shares, parse_cache_spec, step_overhead_macs, text_macs
 from pixforge.eval.bench import checker_passes, interleaved, median_range, shapes_items
 from pixforge.sampling.pipeline import load_pipeline
 
@@ -41,7 +41,7 @@ def generation_macs(pipe, result, batch: int) -> tuple[float, float]:
     overhead = step_overhead_macs(pipe.transformer, batch, tokens)
     text = text_macs(pipe.transformer, batch, pipe.max_sequence_length)
     # CFG-cache steps run the conditional half of the batch only
-    steps_run = run.steps if run.guidance is None or batch == 1 else float(np.where(run.guidance, 1.0, 0.5).sum())
+    steps_run = run.steps if run.guidance is None or batch == 1 else float(batch_shares(run.guidance).sum())
     return run.macs_spent + overhead * steps_run + text, run.macs_full + overhead * run.steps + text
 
 

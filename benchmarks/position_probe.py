@@ -25,9 +25,10 @@ from pixforge.shapes.world import OPPOSITE_RELATION, RELATIONS, CaptionSpec, Wor
 SHOWN = RELATIONS + ("missing",)
 
 
-def shown_relation(found, spec: CaptionSpec, size: int) -> tuple[str, tuple[float, float] | None]:
+def shown_relation(found, spec: CaptionSpec) -> tuple[str, tuple | None]:
     """The relation the image shows between the caption's first and second object, by the
-    dominant axis of their centre offset; "missing" unless each is found exactly once."""
+    dominant axis of their centre offset, with that pair; "missing" (and None) unless each is
+    found exactly once."""
     first, second = spec.groups[0], spec.groups[1]
     a = [o for o in found if (o.color, o.shape) == (first.color, first.shape)]
     b = [o for o in found if (o.color, o.shape) == (second.color, second.shape)]
@@ -35,8 +36,8 @@ def shown_relation(found, spec: CaptionSpec, size: int) -> tuple[str, tuple[floa
         return "missing", None
     dx, dy = a[0].center[0] - b[0].center[0], a[0].center[1] - b[0].center[1]
     if abs(dx) >= abs(dy):
-        return ("left of" if dx < 0 else "right of"), (dx / size, dy / size)
-    return ("above" if dy < 0 else "below"), (dx / size, dy / size)
+        return ("left of" if dx < 0 else "right of"), (a[0], b[0])
+    return ("above" if dy < 0 else "below"), (a[0], b[0])
 
 
 def probe(pipe, n: int, cfg: float, steps: int = 20, batch: int = 16) -> dict:
@@ -54,8 +55,8 @@ def probe(pipe, n: int, cfg: float, steps: int = 20, batch: int = 16) -> dict:
             outcome[name] = []
             for spec, image in zip(group, result.images):
                 _, found = detect(image)
-                relation, _ = shown_relation(found, spec, 128)
-                ok = relation != "missing" and relation_holds(*_pair(found, spec), spec.relation, 128, 128)
+                relation, pair = shown_relation(found, spec)
+                ok = pair is not None and relation_holds(*pair, spec.relation, 128, 128)
                 asked.append(spec.relation)
                 shown.append(relation)
                 holds.append(ok)
@@ -78,13 +79,6 @@ def probe(pipe, n: int, cfg: float, steps: int = 20, batch: int = 16) -> dict:
         "layout_turns_with_word": sum(flips) / max(len(flips), 1),
         "confusion": {a: {s: confusion[a][s] for s in SHOWN} for a in RELATIONS},
     }
-
-
-def _pair(found, spec):
-    first, second = spec.groups[0], spec.groups[1]
-    a = next(o for o in found if (o.color, o.shape) == (first.color, first.shape))
-    b = next(o for o in found if (o.color, o.shape) == (second.color, second.shape))
-    return a, b
 
 
 def main() -> None:

@@ -564,6 +564,12 @@ def text_macs(transformer, batch: int, text_len: int) -> int:
     return batch * (macs + c.num_layers * text_len * 2 * dim * dim)
 
 
+def batch_shares(guidance: np.ndarray) -> np.ndarray:
+    """(steps,) share of the CFG-doubled batch each step runs: 1, or 0.5 where the step skips
+    the unconditional branch (CFG-cache)."""
+    return np.where(guidance, 1.0, 0.5)
+
+
 def schedule_macs(transformer, schedule: CacheSchedule, height: int, width: int, text_len: int,
                   batch: int = 1, vae_scale_factor: int = 8) -> dict[str, float]:
     """MACs of a whole generation under a static schedule (batch = images x CFG branches)."""
@@ -578,16 +584,16 @@ def schedule_macs(transformer, schedule: CacheSchedule, height: int, width: int,
     mask = schedule.compute.copy()
     if schedule.block_reuse == "delta":  # a block computes all or nothing
         mask = np.repeat(mask.any(axis=2, keepdims=True), 3, axis=2)
-    # A step that skips the unconditional branch runs half the (CFG-doubled) batch.
     if schedule.guidance is not None and batch % 2:
         raise PixforgeError(f"schedule {schedule.name!r} reuses the unconditional branch; its MACs need the CFG "
                             f"batch (images x 2), got batch={batch}")
-    share = np.where(schedule.guidance_mask, 1.0, 0.5)  # (steps,)
+    share = batch_shares(schedule.guidance_mask)
     blocks_macs = float(((mask * per[None]).sum(axis=(1, 2)) * share).sum())
     full = float(per.sum()) * schedule.steps
     overhead = step_overhead_macs(transformer, batch, tokens)
-    fixed_full = overhead * schedule.steps + text_macs(transformer, batch, text_len)
-    fixed = overhead * float(share.sum()) + text_macs(transformer, batch, text_len)
+    text = text_macs(transformer, batch, text_len)
+    fixed_full = overhead * schedule.steps + text
+    fixed = overhead * float(share.sum()) + text
     return {"total": blocks_macs + fixed, "no_cache": full + fixed_full,
             "ratio": (full + fixed_full) / (blocks_macs + fixed), "blocks": blocks_macs, "blocks_no_cache": full}
 
@@ -618,9 +624,8 @@ class CacheRun:
     macs: dict = field(default_factory=lambda: {c: 0 for c in COMPONENTS})
     macs_full: int = 0
     decisions: list = field(default_factory=list)
-    _signal: torch.Tensor | None = None
     _accumulated: float = 0.0
-    _residual0: torch.Tensor | None = None
+    _adaptive: dict = field(default_factory=dict)    # "signal" (TeaCache) / "residual0" (first-block) -> last value
     _scores: dict = field(default_factory=dict)      # block -> (B, N) score from the last refresh
     _stale: dict = field(default_factory=dict)       # (block, component) -> (B, N) steps stale
     # CFG-cache: guidance[s] False = step s runs the conditional rows alone (`rows` is then
@@ -739,14 +744,10 @@ class CacheRun:
             block0 = blocks[0]
             shift, scale = block0.modulation(t_mod)[:2]
             signal = modulate(block0.norm(x), shift, scale)
-            if self._signal is not None:
-                previous = self._signal if self.rows is None else self._signal[self.rows]
-                change = rel_l1(signal, previous)
-                self._accumulated += float(np.polyval(policy.coefficients, change))
-                if self.rows is not None:
-                    self._signal[self.rows] = signal
-            if self._signal is None or self.rows is None:
-                self._signal = signal
+            previous = self._get(self._adaptive, "signal")
+            if previous is not None:
+                self._accumulated += float(np.polyval(policy.coefficients, rel_l1(signal, previous)))
+            self._put(self._adaptive, "signal", signal)
             compute = first or last or self._accumulated >= policy.threshold
             if compute:
                 self._accumulated = 0.0
@@ -757,13 +758,10 @@ class CacheRun:
             x_in = x
             x = self._block(0, blocks[0], x, t_mod, grid, k, v, bias, full, text_context, True)
             residual = x - x_in
-            previous = self._residual0 if self._residual0 is None or self.rows is None else self._residual0[self.rows]
+            previous = self._get(self._adaptive, "residual0")
             compute = first or last or previous is None or rel_l1(residual, previous) >= policy.threshold
             if compute:
-                if self.rows is None:
-                    self._residual0 = residual
-                else:
-                    self._residual0[self.rows] = residual
+                self._put(self._adaptive, "residual0", residual)
             self.decisions.append(bool(compute))
             start = 1
         for index in range(start, len(blocks)):
