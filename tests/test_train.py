@@ -463,3 +463,40 @@ def test_feature_table_gathers_a_bucket_batch_and_refuses_mixed_buckets():
     assert torch.equal(embeds, text[1][[0, 1]].float()) and mask.tolist() == [[1, 1, 0], [1, 0, 0]]
     with pytest.raises(PixforgeError, match="one known bucket"):
         table.batch([0, 1])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_x0_weight_floor_sets_the_weight_of_the_x0_error_at_high_noise(prediction_type):
+    """The per-sample weight, read as the weight of |x0 error|^2: min(snr, γ) with min-SNR,
+    at least `x0_weight_floor` with the floor, the target-space weight capped by `loss_weight_cap`."""
+    from pixforge.train.loop import _gather, ddpm_schedule, diffusion_loss
+
+    schedule = ddpm_schedule()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    error = torch.randn(1, 4, 8, 8, generator=g)
+
+    def loss_at(step: int, **options) -> tuple[float, float]:
+        t = torch.tensor([step])
+        ab = _gather(schedule["alphas_cumprod"], t, 4)
+        target = noise if prediction_type == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        config = TrainConfig(vae="v", prediction_type=prediction_type, learned_sigma_loss=False, **options)
+        loss = diffusion_loss(lambda x_t, t, text, mask: target + error, schedule, x0, None, None, t, noise, config)
+        snr = float(ab / (1 - ab))
+        return loss.item() / error.pow(2).mean().item(), snr
+
+    per_x0 = (lambda snr: snr + 1) if prediction_type == "v_prediction" else (lambda snr: snr)
+    for step in (100, 500, 800, 999):
+        weight, snr = loss_at(step, loss_weighting="min-snr")
+        assert weight == pytest.approx(min(snr, 5.0) / per_x0(snr), rel=1e-5)
+        weight, snr = loss_at(step, loss_weighting="min-snr", x0_weight_floor=0.2)
+        assert weight == pytest.approx(max(min(snr, 5.0), 0.2) / per_x0(snr), rel=1e-5)
+        weight, snr = loss_at(step, loss_weighting="min-snr", x0_weight_floor=0.2, loss_weight_cap=50.0)
+        assert weight == pytest.approx(min(max(min(snr, 5.0), 0.2) / per_x0(snr), 50.0), rel=1e-5)
+        weight, snr = loss_at(step, x0_weight_floor=0.2)  # no min-SNR: the x0 error keeps weight per_x0(snr)
+        assert weight == pytest.approx(max(per_x0(snr), 0.2) / per_x0(snr), rel=1e-5)
+    # at the layout-deciding noise levels the floor is what counts: > 10x the min-SNR weight at t = 800
+    assert loss_at(800, loss_weighting="min-snr", x0_weight_floor=0.2)[0] > 10 * loss_at(800, loss_weighting="min-snr")[0]
+    assert loss_at(100, loss_weighting="min-snr", x0_weight_floor=0.2)[0] == loss_at(100, loss_weighting="min-snr")[0]
+    with pytest.raises(PixforgeError, match="x0_weight_floor"):
+        TrainConfig(vae="v", x0_weight_floor=-1.0)

@@ -22,6 +22,7 @@ _RUN_IDENTITY = (
     "betas", "warmup_steps", "grad_clip", "ema_decay", "learned_sigma_loss", "timestep_sampling",
     "loss_weighting", "min_snr_gamma", "caption_dropout", "precision", "seed", "kl_weight", "distributed",
     "background_prob", "category_mix", "vae_init", "freeze_encoder", "prediction_type", "timestep_range",
+    "x0_weight_floor", "loss_weight_cap",
 )
 
 
@@ -75,6 +76,11 @@ class TrainConfig:
     timestep_range: tuple = (0, 1000)    # [low, high) of the training timesteps (e.g. (300, 1000): the layout-deciding ones)
     loss_weighting: str = "none"         # none | min-snr
     min_snr_gamma: float = 5.0
+    # Floor on the weight a sample's x0 error gets (ε-MSE weighs it by snr, min-SNR by min(snr, γ):
+    # ~1e-3 at the layout-deciding noise levels). 0: off. `loss_weight_cap` bounds the resulting
+    # weight of the ε/v-MSE term, where snr -> 0 (0: no cap).
+    x0_weight_floor: float = 0.0
+    loss_weight_cap: float = 0.0
     caption_dropout: float = 0.1
     # --- objective (vae) ------------------------------------------------------------
     kl_weight: float = 1e-6
@@ -101,6 +107,8 @@ class TrainConfig:
             (len(self.timestep_range) == 2 and all(isinstance(v, int) for v in self.timestep_range)
              and 0 <= self.timestep_range[0] < self.timestep_range[1] <= 1000,
              f"timestep_range={list(self.timestep_range)} must be [low, high) integers with 0 <= low < high <= 1000"),
+            (self.x0_weight_floor >= 0 and self.loss_weight_cap >= 0,
+             f"x0_weight_floor={self.x0_weight_floor} and loss_weight_cap={self.loss_weight_cap} must be >= 0"),
             (self.loss_weighting in LOSS_WEIGHTING, f"loss_weighting={self.loss_weighting!r}; choose {LOSS_WEIGHTING}"),
             (self.prediction_type in ("epsilon", "v_prediction"), f"prediction_type={self.prediction_type!r}; choose epsilon or v_prediction"),
             (self.precision in PRECISIONS, f"precision={self.precision!r}; choose {PRECISIONS}"),

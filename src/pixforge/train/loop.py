@@ -124,11 +124,17 @@ def diffusion_loss(model, schedule, x0, text, mask, t, noise, config: TrainConfi
     else:
         target, eps_pred = noise, pred
     mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-    if config.loss_weighting == "min-snr":
+    if config.loss_weighting == "min-snr" or config.x0_weight_floor > 0:
+        # In x0 terms: ε-MSE = snr·|x0 error|², v-MSE = (snr + 1)·|x0 error|² (`per_x0`).
         snr = (alpha_bar / (1 - alpha_bar)).flatten()
-        # Min-SNR-γ (Hang et al.): min(snr, γ)/snr for ε, min(snr, γ)/(snr + 1) for v.
-        denominator = snr + 1 if config.prediction_type == "v_prediction" else snr
-        mse = mse * torch.clamp(snr, max=config.min_snr_gamma) / denominator
+        per_x0 = snr + 1 if config.prediction_type == "v_prediction" else snr
+        # Min-SNR-γ (Hang et al.): the x0 error weighs min(snr, γ) for ε and v alike.
+        x0_weight = torch.clamp(snr, max=config.min_snr_gamma) if config.loss_weighting == "min-snr" else per_x0
+        x0_weight = torch.clamp(x0_weight, min=config.x0_weight_floor)
+        if config.loss_weight_cap > 0:
+            mse = mse * torch.clamp(x0_weight / per_x0, max=config.loss_weight_cap)
+        else:
+            mse = mse * x0_weight / per_x0
     loss = mse
     if config.learned_sigma_loss and out.shape[1] == 2 * channels:
         loss = loss + vlb_term(schedule, x0.float(), x_t.float(), t, eps_pred, out[:, channels:])
