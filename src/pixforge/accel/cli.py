@@ -4,6 +4,24 @@ from __future__ import annotations
 import typer
 
 
+def _pipeline_and_cost(model, precision: str, cfg):
+    """The pipeline, its guidance scale, and a schedule's MACs relative to no cache on it."""
+    from pixforge.accel.cache import schedule_macs
+    from pixforge.sampling.pipeline import load_pipeline
+
+    pipe = load_pipeline(model, precision=precision)
+    guidance = pipe.guidance_scale if cfg is None else cfg
+    batch = 2 if guidance > 1 else 1
+
+    def macs_ratio(schedule) -> float:
+        size = pipe.native_size
+        m = schedule_macs(pipe.transformer, schedule, size, size, pipe.max_sequence_length, batch=batch,
+                          vae_scale_factor=pipe.vae_scale_factor)
+        return 1.0 / m["ratio"]
+
+    return pipe, guidance, macs_ratio
+
+
 def search_cache_command(
     model: str = typer.Option(None, "--model", help="Model folder (default: the embedded model)."),
     out: str = typer.Option("runs/ecad", "--out", help="Search folder: state (resumable), pareto.json, front/, plot."),
@@ -45,28 +63,18 @@ def search_cache_command(
       pixforge generate "two red circles" --cache runs/ecad/front/03-q0.938-x2.61.json
     """
 
-    from pixforge.accel.cache import DeltaDiT, Fora, schedule_macs
+    from pixforge.accel.cache import DeltaDiT, Fora
     from pixforge.accel.ecad import (AGREEMENT_CAP_DB, ScheduleSearch, SearchConfig, agreement_quality, front_schedules,
                                       plot_front, shapes_quality)
     from pixforge.errors import PixforgeError
-    from pixforge.sampling.pipeline import load_pipeline
 
     if quality_kind not in ("accuracy", "agreement"):
         raise PixforgeError(f"--quality {quality_kind!r}: choose accuracy or agreement")
     seeds = [schedule for path in seed_from or [] for schedule in front_schedules(path)]
 
-    pipe = load_pipeline(model, precision=precision)
+    pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg)
     blocks = pipe.transformer.config.num_layers
-    size = pipe.native_size
-    text_len = pipe.max_sequence_length
-    guidance = pipe.guidance_scale if cfg is None else cfg
     batch = 2 if guidance > 1 else 1
-
-    def macs_ratio(schedule) -> float:
-        m = schedule_macs(pipe.transformer, schedule, size, size, text_len, batch=batch,
-                          vae_scale_factor=pipe.vae_scale_factor)
-        return 1.0 / m["ratio"]
-
     make_quality = shapes_quality if quality_kind == "accuracy" else agreement_quality
     quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
     if cfg_cache and batch == 1:
@@ -99,3 +107,65 @@ def search_cache_command(
         baselines[name] = (quality([schedule])[0], macs_ratio(schedule))
     plot = plot_front(front, baselines, search.out_dir / "pareto.png")
     typer.echo(f"wrote {path} ({len(front)} points) and {plot}")
+
+
+def rescore_cache_command(
+    sources: list[str] = typer.Argument(..., help="Searches' folders or pareto.json files, or schedule files."),
+    out: str = typer.Option("runs/ecad-rescored", "--out", help="Folder for pareto.json, front/ and the plot."),
+    model: str = typer.Option(None, "--model", help="Model folder (default: the embedded model)."),
+    prompts: int = typer.Option(256, "--prompts", help="Fresh prompts (shapes-world validation split)."),
+    first_prompt: int = typer.Option(
+        1000, "--first-prompt",
+        help="Index of the first fresh prompt: past every search's calibration prompts (they start at 0)."),
+    min_speedup: float = typer.Option(1.0, "--min-speedup", help="Skip candidates below this MACs speed-up."),
+    steps: int = typer.Option(20, "--steps", help="Sampling steps the schedules are for."),
+    cfg: float = typer.Option(None, "--cfg", help="Guidance scale (default: the model's)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+) -> None:
+    """Score searches' Pareto points again on prompts none of them calibrated on; keep the front of that.
+
+    A front picked on one noisy accuracy estimate over-rates its points (the winner's curse);
+    the fresh estimate is unbiased. Writes OUT/pareto.json (each point with its fresh quality
+    and, where known, the quality its search measured) and OUT/front/*.json for `--cache`.
+
+      pixforge rescore-cache runs/ecad-v6 runs/ecad-v8 --prompts 256 --min-speedup 2
+    """
+    from pixforge.accel.ecad import front_points, plot_front, rescore, schedule_key, shapes_quality, write_front
+    from pixforge.errors import PixforgeError
+
+    if prompts < 1 or first_prompt < 0:
+        raise PixforgeError(f"--prompts {prompts} must be >= 1 and --first-prompt {first_prompt} >= 0")
+    points = [point for source in sources for point in front_points(source)]
+    pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg)
+    calibration = {}  # schedule key -> the best quality a search measured for it
+    candidates = []
+    for schedule, quality in points:
+        if (schedule.steps, schedule.blocks) != (steps, pipe.transformer.config.num_layers):
+            raise PixforgeError(f"schedule {schedule.name!r} is for {schedule.steps} steps x {schedule.blocks} blocks; "
+                                f"this model and --steps give {steps} x {pipe.transformer.config.num_layers}")
+        if 1.0 / macs_ratio(schedule) >= min_speedup:
+            candidates.append(schedule)
+            if quality is not None:
+                key = schedule_key(schedule)
+                calibration[key] = max(quality, calibration.get(key, 0.0))
+    if not candidates:
+        raise PixforgeError(f"no candidate schedule reaches --min-speedup {min_speedup}")
+    quality = shapes_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance, seed=first_prompt)
+    typer.echo(f"{len(candidates)} candidates from {len(sources)} sources; scoring on validation prompts "
+               f"{first_prompt}..{first_prompt + prompts - 1}")
+    scored, front = rescore(candidates, quality, macs_ratio,
+                            progress=lambda done, total: typer.echo(f"  {done}/{total}", err=True))
+    for point in scored:
+        point["calibration_quality"] = calibration.get(schedule_key(point["schedule"]))
+    identity = {"model": pipe.model_hash, "prompts": prompts, "first_prompt": first_prompt, "cfg": guidance,
+                "steps": steps, "rescored_from": [str(source) for source in sources]}
+    path = write_front(out, identity, front)
+    baseline = quality([None])[0]
+    plot = plot_front(front, {"no cache": (baseline, 1.0)}, f"{out}/pareto.png")
+    typer.echo(f"no cache: {100 * baseline:.1f}%")
+    for point in scored:
+        was = point["calibration_quality"]
+        mark = "*" if any(point is p for p in front) else " "
+        typer.echo(f"{mark} x{point['speedup_macs']:.2f}  {100 * point['quality']:5.1f}%"
+                   + ("" if was is None else f"  (search: {100 * was:.1f}%)"))
+    typer.echo(f"wrote {path} ({len(front)} points, * above) and {plot}")

@@ -97,16 +97,25 @@ def with_cfg_variants(schedules: list[CacheSchedule], steps: int, blocks: int) -
 def front_schedules(path: str | Path) -> list[CacheSchedule]:
     """Seeds for another search: the schedules of a search's pareto.json, best quality first,
     or the one schedule of a schedule file (ours or ECAD's)."""
+    return [schedule for schedule, _ in front_points(path)]
+
+
+def front_points(path: str | Path) -> list[tuple[CacheSchedule, float | None]]:
+    """(schedule, the quality its search measured) for each point of a pareto.json, best quality
+    first; a schedule file (ours or ECAD's) gives its one schedule, quality None."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "pareto.json"
     if not path.is_file():
         raise PixforgeError(f"ECAD front not found: {path}")
     try:
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "front" not in data:
-            return [CacheSchedule.load(path)]
+            return [(CacheSchedule.load(path), None)]
         entries = data["front"]
         ranked = sorted(entries, key=lambda e: -float(e["quality"]))
-        return [CacheSchedule.from_dict(e["schedule"], source=f"{path}: {e.get('file', 'point')}") for e in ranked]
+        return [(CacheSchedule.from_dict(e["schedule"], source=f"{path}: {e.get('file', 'point')}"), float(e["quality"]))
+                for e in ranked]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise PixforgeError(f"{path}: not an ECAD pareto.json ({error!r})") from error
 
@@ -356,19 +365,65 @@ class ScheduleSearch:
 
     def write_front(self, front: list[dict]) -> Path:
         """pareto.json (every point with its schedule) + one schedule file per point."""
-        from pixforge.models.convert import atomic_write_bytes
+        return write_front(self.out_dir, self.identity, front)
 
-        folder = self.out_dir / "front"
-        folder.mkdir(parents=True, exist_ok=True)
-        entries = []
-        for i, point in enumerate(front):
-            path = point["schedule"].save(folder / f"{i:02d}-q{point['quality']:.3f}-x{point['speedup_macs']:.2f}.json")
-            entries.append({"quality": point["quality"], "macs_ratio": point["macs_ratio"],
-                            "speedup_macs": point["speedup_macs"], "file": str(path.relative_to(self.out_dir)),
-                            "schedule": point["schedule"].to_dict()})
-        out = self.out_dir / "pareto.json"
-        atomic_write_bytes(out, json.dumps({"identity": self.identity, "front": entries}, indent=1).encode())
-        return out
+
+def write_front(out_dir: str | Path, identity: dict, front: list[dict]) -> Path:
+    """OUT/pareto.json (every point with its schedule and any extra fields) + OUT/front/*.json."""
+    from pixforge.models.convert import atomic_write_bytes
+
+    out_dir = Path(out_dir)
+    folder = out_dir / "front"
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, point in enumerate(front):
+        path = point["schedule"].save(folder / f"{i:02d}-q{point['quality']:.3f}-x{point['speedup_macs']:.2f}.json")
+        entry = {k: v for k, v in point.items() if k != "schedule"}
+        entry.update(file=str(path.relative_to(out_dir)), schedule=point["schedule"].to_dict())
+        entries.append(entry)
+    out = out_dir / "pareto.json"
+    atomic_write_bytes(out, json.dumps({"identity": identity, "front": entries}, indent=1).encode())
+    return out
+
+
+def schedule_key(schedule: CacheSchedule) -> str:
+    """Identifies what a schedule computes (not its name)."""
+    bits = np.concatenate([schedule.compute.reshape(-1), schedule.guidance_mask])
+    return f"{schedule.block_reuse}-{genome_key(bits)}"
+
+
+def non_dominated(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both quality (higher) and MACs ratio (lower), cheapest first."""
+    def beaten(p):
+        return any(o["quality"] >= p["quality"] and o["macs_ratio"] <= p["macs_ratio"]
+                   and (o["quality"] > p["quality"] or o["macs_ratio"] < p["macs_ratio"]) for o in points)
+    return sorted((p for p in points if not beaten(p)), key=lambda p: (p["macs_ratio"], -p["quality"]))
+
+
+def rescore(schedules: Sequence[CacheSchedule], evaluate: Callable[[Sequence[CacheSchedule]], Sequence[float]],
+            macs_ratio: Callable[[CacheSchedule], float], progress: Callable[[int, int], None] | None = None,
+            ) -> tuple[list[dict], list[dict]]:
+    """Score candidate schedules (say, searches' fronts) again on prompts the search never saw.
+
+    A front selected on one noisy accuracy estimate over-rates its points (the winner's curse:
+    of two schedules equally good, the one whose calibration prompts happened to go well is
+    kept); a fresh estimate on other prompts is unbiased, and re-selecting the front on it keeps
+    the points that were good rather than lucky. Duplicates (same compute mask) are scored once.
+    Returns (every candidate, the non-dominated ones), each {"quality", "macs_ratio",
+    "speedup_macs", "schedule"}, cheapest first.
+    """
+    unique: dict[str, CacheSchedule] = {}
+    for schedule in schedules:
+        unique.setdefault(schedule_key(schedule), schedule)
+    scored = []
+    for i, schedule in enumerate(unique.values()):
+        quality = float(evaluate([schedule])[0])
+        ratio = float(macs_ratio(schedule))
+        scored.append({"quality": quality, "macs_ratio": ratio, "speedup_macs": 1.0 / ratio, "schedule": schedule})
+        if progress is not None:
+            progress(i + 1, len(unique))
+    scored.sort(key=lambda p: (p["macs_ratio"], -p["quality"]))
+    return scored, non_dominated(scored)
 
 
 def plot_front(front: list[dict], baselines: dict[str, tuple[float, float]], path: str | Path) -> Path:
