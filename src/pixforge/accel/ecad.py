@@ -100,9 +100,8 @@ def front_schedules(path: str | Path) -> list[CacheSchedule]:
     return [schedule for schedule, _ in front_points(path)]
 
 
-def front_points(path: str | Path) -> list[tuple[CacheSchedule, float | None]]:
-    """(schedule, the quality its search measured) for each point of a pareto.json, best quality
-    first; a schedule file (ours or ECAD's) gives its one schedule, quality None."""
+def _front_file(path: str | Path) -> tuple[Path, dict]:
+    """A search folder's pareto.json, a pareto.json or a schedule file, and its JSON object."""
     path = Path(path)
     if path.is_dir():
         path = path / "pareto.json"
@@ -110,7 +109,25 @@ def front_points(path: str | Path) -> list[tuple[CacheSchedule, float | None]]:
         raise PixforgeError(f"ECAD front not found: {path}")
     try:
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and "front" not in data:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PixforgeError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise PixforgeError(f"{path}: not an ECAD pareto.json or a cache schedule")
+    return path, data
+
+
+def search_identity(path: str | Path) -> dict | None:
+    """The settings of the search that wrote a pareto.json (prompts, cfg, quality kind...);
+    None for a schedule file."""
+    return _front_file(path)[1].get("identity")
+
+
+def front_points(path: str | Path) -> list[tuple[CacheSchedule, float | None]]:
+    """(schedule, the quality its search measured) for each point of a pareto.json, best quality
+    first; a schedule file (ours or ECAD's) gives its one schedule, quality None."""
+    path, data = _front_file(path)
+    try:
+        if "front" not in data:
             return [(CacheSchedule.load(path), None)]
         entries = data["front"]
         ranked = sorted(entries, key=lambda e: -float(e["quality"]))
