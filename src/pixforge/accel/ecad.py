@@ -424,8 +424,10 @@ def rescore(schedules: Sequence[CacheSchedule], evaluate: Callable[[Sequence[Cac
 
     A front selected on one noisy accuracy estimate over-rates its points (the winner's curse:
     of two schedules equally good, the one whose calibration prompts happened to go well is
-    kept); a fresh estimate on other prompts is unbiased, and re-selecting the front on it keeps
-    the points that were good rather than lucky. Duplicates (same compute mask) are scored once.
+    kept); a fresh estimate on other prompts is unbiased for every candidate. The front
+    re-selected on it is a selection again, so confirm its points on held-aside prompts
+    (docs/acceleration.md: on 256 prompts the prompt sample moves a Δ by 2-3 points either
+    way). Duplicates (same compute mask) are scored once.
     Returns (every candidate, the non-dominated ones), each {"quality", "macs_ratio",
     "speedup_macs", "schedule"}, cheapest first.
     """
