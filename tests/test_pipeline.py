@@ -213,6 +213,19 @@ def test_precision_round_trip_restores_the_exact_float32_weights():
     assert 0 < np.abs(bf16 - before).max() < 0.5
 
 
+def test_a_pipeline_loaded_in_bf16_keeps_the_exact_weights_and_hash(tmp_path):
+    """Loading in bf16 casts after loading: the hash, a save, and a switch back to fp32 see the file's weights."""
+    folder = build_pipeline().save_pretrained(tmp_path / "m")
+    full = PixArtPipeline.from_pretrained(folder)
+    half = PixArtPipeline.from_pretrained(folder, precision="bf16")
+    assert half.transformer.dtype == torch.bfloat16
+    assert half.model_hash == full.model_hash
+    saved = PixArtPipeline.from_pretrained(half.save_pretrained(tmp_path / "again"))
+    assert saved.model_hash == full.model_hash
+    assert half.set_precision("fp32") == torch.float32
+    assert np.array_equal(generate(half, seed=4).images, generate(full, seed=4).images)
+
+
 def test_freeing_the_text_encoder_after_encoding(pipe):
     local = build_pipeline()
     generate(local, seed=1, free_text_encoder=True)

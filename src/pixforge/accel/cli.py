@@ -84,6 +84,9 @@ def search_cache_command(
     identity = {"model": pipe.model_hash, "prompts": prompts, "cfg": guidance}
     if quality_kind != "accuracy":  # (searches from before the option keep their identity)
         identity["quality"] = quality_kind
+    dtype = str(pipe.transformer.dtype).removeprefix("torch.")
+    if dtype != "float32":  # evaluations depend on it (fp32 searches keep their identity)
+        identity["precision"] = dtype
     search = ScheduleSearch(quality, macs_ratio, steps, blocks, out, config, identity=identity, seeds=seeds)
 
     def report(record: dict) -> None:
@@ -118,6 +121,7 @@ def rescore_cache_command(
         1000, "--first-prompt",
         help="Index of the first fresh prompt: past every search's calibration prompts (they start at 0)."),
     min_speedup: float = typer.Option(1.0, "--min-speedup", help="Skip candidates below this MACs speed-up."),
+    max_speedup: float = typer.Option(float("inf"), "--max-speedup", help="Skip candidates above this MACs speed-up."),
     steps: int = typer.Option(20, "--steps", help="Sampling steps the schedules are for."),
     cfg: float = typer.Option(None, "--cfg", help="Guidance scale (default: the model's)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
@@ -146,9 +150,12 @@ def rescore_cache_command(
         """No cache on the prompts a search calibrated on (they start at 0), when its quality was accuracy."""
         if not identity or identity.get("quality", "accuracy") != "accuracy" or "prompts" not in identity:
             return None
-        key = (int(identity["prompts"]), float(identity.get("cfg", guidance)), int(identity.get("steps", steps)))
-        if key not in baselines:
+        key = (int(identity["prompts"]), float(identity.get("cfg", guidance)), int(identity.get("steps", steps)),
+               identity.get("precision", "float32"))
+        if key not in baselines:  # at the search's precision
+            pipe.set_precision("bf16" if key[3] == "bfloat16" else "fp32")
             baselines[key] = shapes_quality(pipe, n_prompts=key[0], steps=key[2], cfg=key[1])([None])[0]
+            pipe.set_precision(precision)
         return baselines[key]
 
     searched = {}  # schedule key -> (quality its search measured, that search's no-cache accuracy)
@@ -158,13 +165,13 @@ def rescore_cache_command(
             if (schedule.steps, schedule.blocks) != (steps, layers):
                 raise PixforgeError(f"schedule {schedule.name!r} is for {schedule.steps} steps x {schedule.blocks} "
                                     f"blocks; this model and --steps give {steps} x {layers}")
-            if 1.0 / macs_ratio(schedule) < min_speedup:
+            if not min_speedup <= 1.0 / macs_ratio(schedule) <= max_speedup:
                 continue
             candidates.append(schedule)
             if measured is not None:
                 searched.setdefault(schedule_key(schedule), (measured, search_baseline(identity)))
     if not candidates:
-        raise PixforgeError(f"no candidate schedule reaches --min-speedup {min_speedup}")
+        raise PixforgeError(f"no candidate schedule between --min-speedup {min_speedup} and --max-speedup {max_speedup}")
     quality = shapes_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance, seed=first_prompt)
     baseline = quality([None])[0]
     typer.echo(f"{len(candidates)} candidates from {len(sources)} sources; validation prompts "
@@ -177,7 +184,8 @@ def rescore_cache_command(
         point["calibration_quality"] = measured
         point["calibration_delta"] = None if search_no_cache is None else measured - search_no_cache
     identity = {"model": pipe.model_hash, "prompts": prompts, "first_prompt": first_prompt, "cfg": guidance,
-                "steps": steps, "no_cache_quality": baseline, "rescored_from": [str(source) for source in sources]}
+                "steps": steps, "precision": str(pipe.transformer.dtype).removeprefix("torch."),
+                "no_cache_quality": baseline, "rescored_from": [str(source) for source in sources]}
     path = write_front(out, identity, front)
     plot = plot_front(front, {"no cache": (baseline, 1.0)}, f"{out}/pareto.png")
     for point in scored:

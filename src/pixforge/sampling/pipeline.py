@@ -428,8 +428,8 @@ class PixArtPipeline:
             self.transformer.load_state_dict(self._full_precision_state)
             self._full_precision_state = None
             return dtype
-        if current == torch.float32:
-            self._full_precision_state = {k: v.detach().clone() for k, v in self.transformer.state_dict().items()}
+        if current == torch.float32:  # kept in host memory: the device holds the cast weights only
+            self._full_precision_state = {k: v.detach().to("cpu", copy=True) for k, v in self.transformer.state_dict().items()}
         self.transformer.to(dtype)
         return dtype
 
@@ -661,7 +661,9 @@ class PixArtPipeline:
         component("vae")
         encoder_entry = component("text_encoder", None)
         dtype = resolve_dtype(precision, str(torch.device(device).type))
-        transformer = PixArtTransformer.from_pretrained(root / "transformer", torch_dtype=dtype, device=device)
+        # Loaded as float32 and cast afterwards (set_precision), so the exact weights stay known:
+        # the model hash, save_pretrained and a later switch to fp32 do not depend on `precision`.
+        transformer = PixArtTransformer.from_pretrained(root / "transformer", torch_dtype=torch.float32, device=device)
         vae = AutoencoderKL.from_pretrained(root / "vae").to(device)
 
         sigma = class_name == "PixArtSigmaPipeline"
@@ -708,6 +710,8 @@ class PixArtPipeline:
             if not (isinstance(coefficients, list) and coefficients and all(isinstance(c, (int, float)) for c in coefficients)):
                 raise CheckpointError(f"{index_path}: teacache_coefficients must be a list of numbers")
             pipe.teacache_coefficients = tuple(float(c) for c in coefficients)
+        if dtype != torch.float32:
+            pipe.set_precision(precision)
         return pipe
 
     def save_pretrained(self, path: str | Path) -> Path:
