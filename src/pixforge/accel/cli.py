@@ -22,6 +22,11 @@ def _pipeline_and_cost(model, precision: str, cfg):
     return pipe, guidance, macs_ratio
 
 
+def _dtype_name(pipe) -> str:
+    """The transformer's dtype as a search identity records it ("float32", "bfloat16")."""
+    return str(pipe.transformer.dtype).removeprefix("torch.")
+
+
 def search_cache_command(
     model: str = typer.Option(None, "--model", help="Model folder (default: the embedded model)."),
     out: str = typer.Option("runs/ecad", "--out", help="Search folder: state (resumable), pareto.json, front/, plot."),
@@ -74,19 +79,17 @@ def search_cache_command(
 
     pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg)
     blocks = pipe.transformer.config.num_layers
-    batch = 2 if guidance > 1 else 1
     make_quality = shapes_quality if quality_kind == "accuracy" else agreement_quality
     quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
-    if cfg_cache and batch == 1:
+    if cfg_cache and guidance <= 1:
         raise PixforgeError(f"--cfg-cache needs classifier-free guidance; the guidance scale is {guidance}")
     config = SearchConfig(population=population, mutation_rate=mutation, seed=seed, random_fraction=random_fraction,
                           granularity=granularity, guidance=cfg_cache)
     identity = {"model": pipe.model_hash, "prompts": prompts, "cfg": guidance}
     if quality_kind != "accuracy":  # (searches from before the option keep their identity)
         identity["quality"] = quality_kind
-    dtype = str(pipe.transformer.dtype).removeprefix("torch.")
-    if dtype != "float32":  # evaluations depend on it (fp32 searches keep their identity)
-        identity["precision"] = dtype
+    if _dtype_name(pipe) != "float32":  # evaluations depend on it (fp32 searches keep their identity)
+        identity["precision"] = _dtype_name(pipe)
     search = ScheduleSearch(quality, macs_ratio, steps, blocks, out, config, identity=identity, seeds=seeds)
 
     def report(record: dict) -> None:
@@ -184,7 +187,7 @@ def rescore_cache_command(
         point["calibration_quality"] = measured
         point["calibration_delta"] = None if search_no_cache is None else measured - search_no_cache
     identity = {"model": pipe.model_hash, "prompts": prompts, "first_prompt": first_prompt, "cfg": guidance,
-                "steps": steps, "precision": str(pipe.transformer.dtype).removeprefix("torch."),
+                "steps": steps, "precision": _dtype_name(pipe),
                 "no_cache_quality": baseline, "rescored_from": [str(source) for source in sources]}
     path = write_front(out, identity, front)
     plot = plot_front(front, {"no cache": (baseline, 1.0)}, f"{out}/pareto.png")
