@@ -365,20 +365,14 @@ class ScheduleSearch:
         """Non-dominated feasible points of the current population, cheapest first."""
         algorithm = algorithm or self.algorithm
         pop = algorithm.pop
-        X, F, G = pop.get("X").astype(bool), pop.get("F"), pop.get("G")
-        points = {}
-        for x, f, g in zip(X, F, G):
-            if g[0] > 0:
-                continue
-            dominated = any((o[0] <= f[0] and o[1] <= f[1] and (o[0] < f[0] or o[1] < f[1])) for o in F)
-            if not dominated:
-                points.setdefault(genome_key(x), (x, f))
-        out = []
-        for key, (x, f) in sorted(points.items(), key=lambda kv: kv[1][1][1]):
-            quality, ratio = 1.0 - float(f[0]), float(f[1])
-            out.append({"quality": quality, "macs_ratio": ratio, "speedup_macs": 1.0 / ratio,
-                        "schedule": self.schedule(x, name=f"ecad-{key}")})
-        return out
+        points = {}  # genome key -> point; an infeasible point still dominates the points it beats
+        for x, f, g in zip(pop.get("X").astype(bool), pop.get("F"), pop.get("G")):
+            key = genome_key(x)
+            points.setdefault(key, {"quality": 1.0 - float(f[0]), "macs_ratio": float(f[1]), "feasible": g[0] <= 0,
+                                    "x": x, "key": key})
+        return [{"quality": p["quality"], "macs_ratio": p["macs_ratio"], "speedup_macs": 1.0 / p["macs_ratio"],
+                 "schedule": self.schedule(p["x"], name=f"ecad-{p['key']}")}
+                for p in non_dominated(list(points.values())) if p["feasible"]]
 
     def write_front(self, front: list[dict]) -> Path:
         """pareto.json (every point with its schedule) + one schedule file per point."""
