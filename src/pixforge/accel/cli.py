@@ -56,6 +56,11 @@ def search_cache_command(
         "accuracy", "--quality",
         help="accuracy: the shapes checker's pass rate | agreement: PSNR to the uncached images "
              "(lower variance on few prompts; the front's quality axis is then PSNR/40)."),
+    min_speedup: float = typer.Option(
+        1.0, "--min-speedup",
+        help="Search only schedules at least this much cheaper in MACs (candidates outside the window are "
+             "never run; the whole population works where you need a schedule)."),
+    max_speedup: float = typer.Option(float("inf"), "--max-speedup", help="... and at most this much cheaper."),
 ) -> None:
     """Search per-step x per-block x per-component cache schedules (ECAD, NSGA-II via pymoo).
 
@@ -83,8 +88,9 @@ def search_cache_command(
     quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
     if cfg_cache and guidance <= 1:
         raise PixforgeError(f"--cfg-cache needs classifier-free guidance; the guidance scale is {guidance}")
+    window = None if (min_speedup, max_speedup) == (1.0, float("inf")) else (min_speedup, max_speedup)
     config = SearchConfig(population=population, mutation_rate=mutation, seed=seed, random_fraction=random_fraction,
-                          granularity=granularity, guidance=cfg_cache)
+                          granularity=granularity, guidance=cfg_cache, speedup=window)
     identity = {"model": pipe.model_hash, "prompts": prompts, "cfg": guidance}
     if quality_kind != "accuracy":  # (searches from before the option keep their identity)
         identity["quality"] = quality_kind

@@ -50,6 +50,9 @@ class SearchConfig:
     seed: int = 0
     granularity: str = "component"  # genome: one bit per step x block x component (ECAD), ...
     guidance: bool = False  # + one bit per step: run the unconditional CFG branch (else reuse its delta)
+    # Keep the search inside this MACs speed-up window (lo, hi; hi may be inf): two more
+    # constraints, and a candidate outside it is never run through the model.
+    speedup: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -58,6 +61,18 @@ class SearchConfig:
             raise PixforgeError(f"population={self.population} must be >= 4")
         if not all(0 <= v <= 1 for v in (self.mutation_rate, self.crossover_prob, self.random_fraction)):
             raise PixforgeError("mutation_rate, crossover_prob and random_fraction must be in [0, 1]")
+        if self.speedup is not None:
+            lo, hi = self.speedup
+            if not 1.0 <= lo < hi:
+                raise PixforgeError(f"speed-up window {lo}..{hi}: need 1 <= min < max")
+
+    @property
+    def macs_window(self) -> tuple[float, float] | None:
+        """The speed-up window as MACs ratios (low, high), or None."""
+        if self.speedup is None:
+            return None
+        lo, hi = self.speedup
+        return 1.0 / hi, 1.0 / lo
 
 
 def genome_key(bits: np.ndarray) -> str:
@@ -166,13 +181,18 @@ class ScheduleSearch:
             del self.identity["granularity"]
         if not config.guidance:
             del self.identity["guidance"]
+        if config.speedup is None:
+            del self.identity["speedup"]
+        else:  # as JSON reads it back (a list; an unbounded top as null)
+            self.identity["speedup"] = [config.speedup[0], config.speedup[1] if np.isfinite(config.speedup[1]) else None]
         free_bits = self.n_var - self.step_width - config.guidance  # step 0 always computes
         if free_bits < 60 and config.population > 2 ** free_bits - 1:
             raise PixforgeError(
                 f"population {config.population} is larger than the {2 ** free_bits - 1} distinct schedules a "
                 f"{config.granularity}-granularity genome of {steps} steps can express; use a smaller population"
             )
-        self.cache: dict[str, tuple[float, float]] = {}  # genome key -> (quality, macs ratio)
+        # genome key -> (quality, macs ratio); quality None: outside the speed-up window, not run
+        self.cache: dict[str, tuple[float | None, float]] = {}
         self.history: list[dict] = []
 
     # --- genome <-> schedule ---------------------------------------------------------------
@@ -221,20 +241,33 @@ class ScheduleSearch:
             return None  # blocks (or components) differ within a step: a coarse genome cannot hold it
         return bits
 
+    def _in_window(self, macs: float) -> bool:
+        window = self.config.macs_window
+        return window is None or window[0] <= macs <= window[1]
+
     def _objectives(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """F = (1 - quality, MACs ratio); G <= 0 when feasible: something is reused and, with a
+        speed-up window, MACs inside it. A candidate outside the window is not run (quality
+        None in the cache, F = 2): constraint violation alone ranks it."""
         X = X.astype(bool)
         keys = [genome_key(x) for x in X]
-        todo = [(k, x) for k, x in dict(zip(keys, X)).items() if k not in self.cache]
-        if todo:
-            schedules = [self.schedule(x) for _, x in todo]
-            qualities = list(self.evaluate(schedules))
-            if len(qualities) != len(schedules):
-                raise PixforgeError(f"quality function returned {len(qualities)} values for {len(schedules)} schedules")
-            for (key, _), schedule, quality in zip(todo, schedules, qualities):
-                self.cache[key] = (float(quality), float(self.macs_ratio(schedule)))
-        F = np.array([[1.0 - self.cache[k][0], self.cache[k][1]] for k in keys])
+        todo = [(k, self.schedule(x)) for k, x in dict(zip(keys, X)).items() if k not in self.cache]
+        costs = {key: float(self.macs_ratio(schedule)) for key, schedule in todo}
+        run = [(key, schedule) for key, schedule in todo if self._in_window(costs[key])]
+        if run:
+            qualities = list(self.evaluate([schedule for _, schedule in run]))
+            if len(qualities) != len(run):
+                raise PixforgeError(f"quality function returned {len(qualities)} values for {len(run)} schedules")
+            for (key, _), quality in zip(run, qualities):
+                self.cache[key] = (float(quality), costs[key])
+        for key, _ in todo:
+            self.cache.setdefault(key, (None, costs[key]))
+        F = np.array([[2.0 if self.cache[k][0] is None else 1.0 - self.cache[k][0], self.cache[k][1]] for k in keys])
         reused = (~X[:, self.step_width:]).sum(axis=1)
         G = (1.0 - reused)[:, None].astype(float)  # feasible (<= 0) when something is reused
+        window = self.config.macs_window
+        if window is not None:
+            G = np.hstack([G, window[0] - F[:, 1:], F[:, 1:] - window[1]])
         return F, G
 
     # --- pymoo ------------------------------------------------------------------------------
@@ -257,7 +290,8 @@ class ScheduleSearch:
                 return X
 
         c = self.config
-        problem = Problem(n_var=self.n_var, n_obj=2, n_ieq_constr=1, xl=0, xu=1, vtype=bool)
+        n_constraints = 1 if c.speedup is None else 3
+        problem = Problem(n_var=self.n_var, n_obj=2, n_ieq_constr=n_constraints, xl=0, xu=1, vtype=bool)
         algorithm = NSGA2(
             pop_size=c.population, sampling=initial,
             crossover=PointCrossover(n_points=c.crossover_points, prob=c.crossover_prob),
@@ -279,8 +313,9 @@ class ScheduleSearch:
                 seeds.setdefault(genome_key(bits), bits)
         n_heuristic = min(len(seeds), c.population - int(round(c.random_fraction * c.population)))
         rows = dict(list(seeds.items())[:n_heuristic])
+        low, high = c.macs_window or (0.3, 0.9)  # a window: compute about the share it allows
         while len(rows) < c.population:
-            density = rng.uniform(0.3, 0.9)  # random schedules from sparse to dense
+            density = rng.uniform(low, high)  # random schedules from sparse to dense
             bits = rng.random(self.n_var) < density
             bits[:first] = True
             if self.config.guidance:
@@ -298,7 +333,7 @@ class ScheduleSearch:
         state = {
             "identity": self.identity, "generation": generation,
             "X": [genome.astype(int).tolist() for genome in pop.get("X").astype(bool)],
-            "rank": pop.get("rank").tolist(), "crowding": [float(v) for v in pop.get("crowding")],
+            "rank": pop.get("rank").tolist(), "crowding": [None if v is None else float(v) for v in pop.get("crowding")],  # None: infeasible
             "rng": algorithm.random_state.bit_generator.state,
             "cache": self.cache, "history": self.history,
         }
@@ -336,6 +371,11 @@ class ScheduleSearch:
         log.info("resumed search at generation %d (%d genomes evaluated)", state["generation"], len(self.cache))
         return algorithm, state["generation"]
 
+    @property
+    def evaluations(self) -> int:
+        """Genomes run through the quality function so far (not those outside the window)."""
+        return sum(quality is not None for quality, _ in self.cache.values())
+
     # --- the loop ------------------------------------------------------------------------------------
     def run(self, generations: int, progress: Callable[[dict], None] | None = None) -> list[dict]:
         """Run (or continue) until `generations` generations are done; return the Pareto front."""
@@ -346,13 +386,13 @@ class ScheduleSearch:
         while done < generations:
             start = time.time()
             pop = algorithm.ask()
-            evaluated_before = len(self.cache)
+            evaluated_before = self.evaluations
             F, G = self._objectives(pop.get("X"))
             pop.set("F", F, "G", G)
             algorithm.tell(infills=pop)
             done += 1
             front = self.front(algorithm)
-            record = {"generation": done, "evaluations": len(self.cache), "new": len(self.cache) - evaluated_before,
+            record = {"generation": done, "evaluations": self.evaluations, "new": self.evaluations - evaluated_before,
                       "seconds": round(time.time() - start, 2), "front": [(p["quality"], p["macs_ratio"]) for p in front]}
             self.history.append(record)
             self._save(algorithm, done)
@@ -368,7 +408,7 @@ class ScheduleSearch:
         points = {}  # genome key -> point; an infeasible point still dominates the points it beats
         for x, f, g in zip(pop.get("X").astype(bool), pop.get("F"), pop.get("G")):
             key = genome_key(x)
-            points.setdefault(key, {"quality": 1.0 - float(f[0]), "macs_ratio": float(f[1]), "feasible": g[0] <= 0,
+            points.setdefault(key, {"quality": 1.0 - float(f[0]), "macs_ratio": float(f[1]), "feasible": bool((g <= 0).all()),
                                     "x": x, "key": key})
         return [{"quality": p["quality"], "macs_ratio": p["macs_ratio"], "speedup_macs": 1.0 / p["macs_ratio"],
                  "schedule": self.schedule(p["x"], name=f"ecad-{p['key']}")}
