@@ -4,8 +4,9 @@
     python benchmarks/cache.py --model DIR --prompts 300 --repeats 3 --ecad runs/ecad/pareto.json
 
 Policies: no cache, FORA 2/3, Δ-DiT, ToCa, TeaCache at several thresholds, first-block,
-late-dense, CFG-cache alone and with other policies, and up to 3 ECAD Pareto points per
-front (--ecad). MACs come from the run's own accounting (exact,
+late-dense, CFG-cache alone and with other policies, up to 3 ECAD Pareto points per
+front (--ecad), and no cache at fewer solver steps (--fewer-steps: the same saving without
+a cache). MACs come from the run's own accounting (exact,
 checked against torch's FLOP counter in tests) plus the per-step and text overheads;
 wall time is the median of --repeats interleaved runs of one generation (1 image, the
 same seed, every policy in turn, so machine noise hits all alike); accuracy is the shapes
@@ -58,6 +59,9 @@ def main() -> None:
                              "(default: the front's first, middle and last point)")
     parser.add_argument("--policies", default=";".join(["none", *HAND_MADE]), help="';'-separated cache specs")
     parser.add_argument("--batch", type=int, default=25, help="images per accuracy generation call")
+    parser.add_argument("--fewer-steps", default="",
+                        help="e.g. 10,8: also no cache at these step counts (the baseline every cache must beat: "
+                             "the same MACs saved by sampling with fewer solver steps)")
     parser.add_argument("--out", default="benchmarks/results/cache.json")
     parser.add_argument("--plot", default="docs/img/cache.png")
     args = parser.parse_args()
@@ -84,25 +88,32 @@ def main() -> None:
             point = front[i]
             policies[f"{label} x{point['speedup_macs']:.2f}"] = CacheSchedule.from_dict(point["schedule"])
 
+    steps_of = {name: args.steps for name in policies}
+    for n in (int(x) for x in args.fewer_steps.split(",") if x.strip()):
+        policies[f"no cache, {n} steps"], steps_of[f"no cache, {n} steps"] = None, n
     guided = pipe.guidance_scale > 1
     batch = 2 if guided else 1
     items = shapes_items(args.prompts, "test")
 
-    def one(policy):
-        return lambda: pipe(items[0].caption, num_inference_steps=args.steps, seed=0, progress=False, cache=policy)
+    def one(policy, steps):
+        return lambda: pipe(items[0].caption, num_inference_steps=steps, seed=0, progress=False, cache=policy)
 
     print(f"model {args.model or 'embedded default'}; {args.steps} steps; wall: median of {args.repeats}")
-    walls = interleaved({name: one(policy) for name, policy in policies.items()}, args.repeats)
+    walls = interleaved({name: one(policy, steps_of[name]) for name, policy in policies.items()}, args.repeats)
     rows, per_prompt = [], {}
     base_wall = float(np.median(walls["none"]))
+    # MACs of no cache at --steps: every row's ratio is against it (fewer-steps rows included)
+    _, base_full = generation_macs(pipe, one(C.Fora(1), args.steps)(), batch)
     for name, policy in policies.items():
-        result = one(policy if policy is not None else C.Fora(1))()  # fora:1 = no cache, with MAC accounting
-        spent, full = generation_macs(pipe, result, batch)
+        steps = steps_of[name]
+        result = one(policy if policy is not None else C.Fora(1), steps)()  # fora:1 = no cache, with MAC accounting
+        spent, _ = generation_macs(pipe, result, batch)
         start = time.time()
-        passes = checker_passes(pipe, items, args.steps, policy, args.batch)
+        passes = checker_passes(pipe, items, steps, policy, args.batch)
         per_prompt[name] = np.array(passes)
         rows.append({
-            "policy": name, "macs_ratio": full / spent, "wall_ratio": base_wall / float(np.median(walls[name])),
+            "policy": name, "steps": steps, "macs_ratio": base_full / spent,
+            "wall_ratio": base_wall / float(np.median(walls[name])),
             "wall_s": median_range(walls[name]), "accuracy": float(np.mean(passes)), "n": len(items),
             "eval_seconds": round(time.time() - start, 1), "passed": "".join(map(str, passes)),
         })
