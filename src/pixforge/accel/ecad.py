@@ -184,7 +184,8 @@ class ScheduleSearch:
         if config.speedup is None:
             del self.identity["speedup"]
         else:  # as JSON reads it back (a list; an unbounded top as null)
-            self.identity["speedup"] = [config.speedup[0], config.speedup[1] if np.isfinite(config.speedup[1]) else None]
+            lo, hi = config.speedup
+            self.identity["speedup"] = [lo, hi if np.isfinite(hi) else None]
         free_bits = self.n_var - self.step_width - config.guidance  # step 0 always computes
         if free_bits < 60 and config.population > 2 ** free_bits - 1:
             raise PixforgeError(
@@ -333,7 +334,9 @@ class ScheduleSearch:
         state = {
             "identity": self.identity, "generation": generation,
             "X": [genome.astype(int).tolist() for genome in pop.get("X").astype(bool)],
-            "rank": pop.get("rank").tolist(), "crowding": [None if v is None else float(v) for v in pop.get("crowding")],  # None: infeasible
+            "rank": pop.get("rank").tolist(),
+            # an infeasible member (outside a speed-up window) has no crowding distance: null
+            "crowding": [None if v is None else float(v) for v in pop.get("crowding")],
             "rng": algorithm.random_state.bit_generator.state,
             "cache": self.cache, "history": self.history,
         }
