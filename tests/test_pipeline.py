@@ -490,3 +490,19 @@ def test_cfg_cache_in_a_generation(pipe):
     assert analytic["ratio"] > 2 * 1.3  # half the steps' blocks, and 2 of 3 steps on half the batch
     adaptive = generate(pipe, seed=3, cache="teacache:0.5+cfg-cache:2")
     assert adaptive.cache.macs_spent < result.cache.macs_full
+
+
+def test_icc_in_a_generation_with_cfg_cache(pipe):
+    """Increment calibration on half-batch (CFG-cache) steps: at full rank it recomputes what
+    FORA reused, so fora:2+cfg-cache:3 + full-rank icc equals cfg-cache:3 alone."""
+    from pixforge.accel.cache import parse_cache_spec, schedule_macs
+
+    cfg_only = generate(pipe, seed=3, cache="cfg-cache:3").latents
+    exact = generate(pipe, seed=3, cache="fora:2+cfg-cache:3+icc:100000")
+    torch.testing.assert_close(exact.latents, cfg_only, atol=1e-4, rtol=1e-4)
+    low = generate(pipe, seed=3, cache="fora:2+cfg-cache:3+icc:2")
+    assert low.metadata[0].cache == "fora:2+cfg-cache:3+icc:2"
+    layers, size = pipe.transformer.config.num_layers, pipe.native_size
+    analytic = schedule_macs(pipe.transformer, parse_cache_spec("fora:2+cfg-cache:3+icc:2").schedule(STEPS, layers),
+                             size, size, pipe.max_sequence_length, batch=2, vae_scale_factor=pipe.vae_scale_factor)
+    assert (low.cache.macs_spent, low.cache.macs_full) == (analytic["blocks"], analytic["blocks_no_cache"])

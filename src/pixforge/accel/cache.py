@@ -61,6 +61,11 @@ class CacheSchedule:
     # guidance delta (eps_cond - eps_uncond) of the last step that ran it is reused (CFG-cache).
     # None: every step runs it. Ignored by generations without classifier-free guidance.
     guidance: np.ndarray | None = None
+    # Increment-calibrated reuse (ICC): 0 = a reused component returns its cached output; R > 0 =
+    # it is recomputed cheaply as cached output + rank-R SVD factors of each of its linear layers
+    # applied to that layer's input change since the cache, the nonlinearities (attention
+    # softmax, GELU) run exactly. Costs ~R (in + out) MACs per token per linear layer.
+    calibration_rank: int = 0
 
     def __post_init__(self):
         compute = np.asarray(self.compute)
@@ -81,6 +86,13 @@ class CacheSchedule:
         if self.block_reuse not in BLOCK_REUSE:
             raise PixforgeError(f"block_reuse={self.block_reuse!r}; choose one of {BLOCK_REUSE}")
         object.__setattr__(self, "compute", compute)
+        rank = self.calibration_rank
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+            raise PixforgeError(f"cache schedule {self.name!r}: calibration_rank={rank!r} must be an int >= 0")
+        object.__setattr__(self, "calibration_rank", int(rank))
+        if rank and self.block_reuse != "gated":
+            raise PixforgeError(f"cache schedule {self.name!r}: increment calibration (icc) needs component-wise "
+                                f"(gated) reuse; block_reuse={self.block_reuse!r} reuses whole blocks")
         if self.guidance is not None:
             guidance = np.asarray(self.guidance)
             if guidance.shape != (compute.shape[0],) or not np.isin(guidance, (0, 1)).all():
@@ -121,7 +133,7 @@ class CacheSchedule:
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, CacheSchedule) and self.block_reuse == other.block_reuse
-                and np.array_equal(self.compute, other.compute)
+                and self.calibration_rank == other.calibration_rank and np.array_equal(self.compute, other.compute)
                 and np.array_equal(self.guidance_mask, other.guidance_mask))
 
     @property
@@ -132,7 +144,12 @@ class CacheSchedule:
     def with_guidance(self, guidance, name: str | None = None) -> "CacheSchedule":
         """This schedule with the unconditional branch run only at the steps where `guidance` is true."""
         return CacheSchedule(self.compute, name=self.name if name is None else name, block_reuse=self.block_reuse,
-                             guidance=guidance)
+                             guidance=guidance, calibration_rank=self.calibration_rank)
+
+    def with_calibration(self, rank: int, name: str | None = None) -> "CacheSchedule":
+        """This schedule with its reused components increment-calibrated at `rank` (0: plain reuse)."""
+        return CacheSchedule(self.compute, name=self.name if name is None else name, block_reuse=self.block_reuse,
+                             guidance=self.guidance, calibration_rank=rank)
 
     def start(self, steps: int, blocks: int) -> "CacheRun":
         if (steps, blocks) != (self.steps, self.blocks):
@@ -141,7 +158,7 @@ class CacheSchedule:
                 f"generation has {steps} steps x {blocks} blocks (use the schedule's step count, or a policy "
                 f"such as fora:N that adapts)"
             )
-        return CacheRun(self, steps, blocks, guidance=self.guidance)
+        return CacheRun(self, steps, blocks, guidance=self.guidance, calibration_rank=self.calibration_rank)
 
     # --- JSON: ours ------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -153,6 +170,8 @@ class CacheSchedule:
         }
         if self.guidance is not None:  # one 0/1 digit per step: run the unconditional branch
             data["guidance"] = "".join("1" if g else "0" for g in self.guidance)
+        if self.calibration_rank:
+            data["calibration_rank"] = self.calibration_rank
         return data
 
     @classmethod
@@ -183,8 +202,11 @@ class CacheSchedule:
             if not isinstance(guidance, str) or len(guidance) != steps or set(guidance) - {"0", "1"}:
                 raise PixforgeError(f"{source}: guidance must be a string of {steps} 0/1 digits, one per step")
             guidance = np.array([g == "1" for g in guidance])
+        rank = data.get("calibration_rank", 0)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise PixforgeError(f"{source}: calibration_rank must be an integer >= 0, got {rank!r}")
         return cls(compute.astype(bool), name=str(data.get("name", "custom")),
-                   block_reuse=str(data.get("block_reuse", "gated")), guidance=guidance)
+                   block_reuse=str(data.get("block_reuse", "gated")), guidance=guidance, calibration_rank=rank)
 
     # --- JSON: ECAD's published format --------------------------------------------------------
     def to_ecad(self) -> dict:
@@ -193,6 +215,8 @@ class CacheSchedule:
             raise PixforgeError("ECAD's schedule format has no block-delta reuse; only gated schedules export")
         if self.guidance is not None:
             raise PixforgeError("ECAD's schedule format has no unconditional-branch reuse (guidance); save it in ours")
+        if self.calibration_rank:
+            raise PixforgeError("ECAD's schedule format has no increment calibration (icc); save it in ours")
         schedule = {
             f"{s:03d}": {str(b): {c: bool(self.compute[s, b, i]) for i, c in enumerate(COMPONENTS)}
                          for b in range(self.blocks)}
@@ -407,7 +431,8 @@ class WithCfgCache:
     cfg: CfgCache
 
     def __post_init__(self):
-        if isinstance(self.policy, (CfgCache, WithCfgCache)):
+        if isinstance(self.policy, (CfgCache, WithCfgCache)) or (
+                isinstance(self.policy, Icc) and isinstance(self.policy.policy, (CfgCache, WithCfgCache))):
             raise PixforgeError(f"cfg-cache is given twice ({self.policy.name} + {self.cfg.name})")
         if isinstance(self.policy, ToCa):
             raise PixforgeError(f"cfg-cache does not combine with {self.policy.name}: token-wise caching keeps per-row "
@@ -431,6 +456,41 @@ class WithCfgCache:
             run = self.policy.start(steps, blocks)
             run.guidance = self.cfg.mask(steps)
             return run
+        return self.schedule(steps, blocks).start(steps, blocks)
+
+
+@dataclass(frozen=True)
+class Icc:
+    """Increment-calibrated caching (ICC, Chen et al., CVPR 2025) on top of a static policy:
+    `fora:3+icc:16`. Where the policy reuses a component, it is recomputed as its cached output
+    plus a rank-`rank` SVD approximation of each linear layer applied to that layer's input
+    change since the cache; attention softmax and GELU run exactly on the calibrated values.
+    Plain SVD of the weights (the paper's channel-aware variant weights it by activation
+    statistics; not done here). Measured on the shapes model: see docs/acceleration.md."""
+
+    policy: object
+    rank: int = 16
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise PixforgeError(f"icc rank={self.rank!r} must be an int >= 1")
+        if isinstance(self.policy, Icc):
+            raise PixforgeError(f"icc is given twice ({self.policy.name} + icc:{self.rank})")
+        if isinstance(self.policy, (ToCa, TeaCache, FirstBlockCache, DeltaDiT)) or (
+                isinstance(self.policy, WithCfgCache) and not hasattr(self.policy.policy, "schedule")
+                and not isinstance(self.policy.policy, CacheSchedule)):
+            raise PixforgeError(f"icc calibrates component-wise reuse of a static schedule; it does not combine "
+                                f"with {self.policy.name}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.policy.name}+icc:{self.rank}"
+
+    def schedule(self, steps: int, blocks: int) -> CacheSchedule:
+        base = self.policy if isinstance(self.policy, CacheSchedule) else self.policy.schedule(steps, blocks)
+        return base.with_calibration(self.rank, name=self.name)
+
+    def start(self, steps: int, blocks: int) -> "CacheRun":
         return self.schedule(steps, blocks).start(steps, blocks)
 
 
@@ -527,22 +587,46 @@ class FirstBlockCache:
 # ------------------------------------------------------------------------------------
 # Exact cost accounting (multiply-accumulates; FLOP counters report 2 per MAC)
 # ------------------------------------------------------------------------------------
-def component_macs(block, component: str, batch: int, queries: int, tokens: int, grid_hw, text_len: int) -> int:
-    """MACs of one component of `block` for `queries` of the `tokens` image tokens."""
+def component_linears(block, component: str) -> list:
+    """The linear layers a component applies to every image token (cross-attention's text K/V
+    projection runs once per generation and is not one of them)."""
+    if component == "attn1":
+        return [block.attn1.to_qkv, block.attn1.to_out]
+    if component == "attn2":
+        return [block.attn2.to_q, block.attn2.to_out]
+    if component == "ff":
+        return [block.ff.fc1, block.ff.fc2]
+    raise KeyError(component)
+
+
+def _attention_macs(block, component: str, queries: int, tokens: int, text_len: int) -> int:
+    """A component's MACs outside its per-token linear layers (QK^T + AV; Σ's K/V conv)."""
     dim = block.attn1.to_out.in_features
     if component == "attn1":
         attn = block.attn1
         s = attn.kv_compress_scale
         keys = tokens // (s * s) if s > 1 else tokens
-        macs = 4 * queries * dim * dim + 2 * queries * keys * dim  # qkv + out, QK^T + AV
+        macs = 2 * queries * keys * dim
         if s > 1 and attn.kv_compress_mode == "conv":
             macs += 2 * tokens * dim  # depthwise s x s stride-s conv over K and V
-        return batch * macs
+        return macs
     if component == "attn2":
-        return batch * (2 * queries * dim * dim + 2 * queries * text_len * dim)  # q + out, scores + AV
-    if component == "ff":
-        return batch * 2 * queries * dim * block.ff.fc1.out_features
-    raise KeyError(component)
+        return 2 * queries * text_len * dim
+    return 0
+
+
+def component_macs(block, component: str, batch: int, queries: int, tokens: int, grid_hw, text_len: int) -> int:
+    """MACs of one component of `block` for `queries` of the `tokens` image tokens."""
+    linear = sum(layer.in_features * layer.out_features for layer in component_linears(block, component))
+    return batch * (queries * linear + _attention_macs(block, component, queries, tokens, text_len))
+
+
+def calibrated_macs(block, component: str, batch: int, tokens: int, text_len: int, rank: int) -> int:
+    """MACs of an increment-calibrated reuse (icc) of a component: per linear layer
+    min(rank, in, out) x (in + out) per token, the attention itself in full."""
+    linear = sum(min(rank, layer.in_features, layer.out_features) * (layer.in_features + layer.out_features)
+                 for layer in component_linears(block, component))
+    return batch * (tokens * linear + _attention_macs(block, component, tokens, tokens, text_len))
 
 
 def step_overhead_macs(transformer, batch: int, tokens: int) -> int:
@@ -589,6 +673,10 @@ def schedule_macs(transformer, schedule: CacheSchedule, height: int, width: int,
                             f"batch (images x 2), got batch={batch}")
     share = batch_shares(schedule.guidance_mask)
     blocks_macs = float(((mask * per[None]).sum(axis=(1, 2)) * share).sum())
+    if schedule.calibration_rank:  # every reused component is recomputed at low rank
+        cal = np.array([[calibrated_macs(b, comp, batch, tokens, text_len, schedule.calibration_rank)
+                         for comp in COMPONENTS] for b in blocks], dtype=np.float64)
+        blocks_macs += float(((~mask * cal[None]).sum(axis=(1, 2)) * share).sum())
     full = float(per.sum()) * schedule.steps
     overhead = step_overhead_macs(transformer, batch, tokens)
     text = text_macs(transformer, batch, text_len)
@@ -601,6 +689,31 @@ def schedule_macs(transformer, schedule: CacheSchedule, height: int, width: int,
 # ------------------------------------------------------------------------------------
 # The runtime: one CacheRun per generation
 # ------------------------------------------------------------------------------------
+def lowrank_factors(layer: torch.nn.Linear, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B^T (in, r), A^T (r, out)) with weight ~ A @ B, the rank-r truncated SVD (r = min(rank,
+    in, out)). The SVD runs once per layer and weight version (~15 ms for a 768 x 256 weight on a
+    2-core CPU); every rank's factors are sliced from it and kept on the layer."""
+    weight = layer.weight
+    key = (weight.dtype, weight.device, weight.data_ptr(), weight._version)
+    cached = layer.__dict__.get("_pixforge_svd")
+    if cached is None or cached[0] != key:
+        u, sv, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        cached = layer.__dict__["_pixforge_svd"] = (key, u * sv, vh, {})
+    _, us, vh, by_rank = cached
+    r = min(rank, vh.shape[0])
+    if r not in by_rank:
+        by_rank[r] = (vh[:r].T.to(weight.dtype).contiguous(), us[:, :r].T.to(weight.dtype).contiguous())
+    return by_rank[r]
+
+
+def lowrank_increment(layer: torch.nn.Linear, delta: torch.Tensor, cached_out: torch.Tensor, rank: int) -> torch.Tensor:
+    """cached_out + delta @ W_r^T: a linear layer's output moved by its input's change, through
+    the rank-r SVD of its weight (the bias is already in cached_out)."""
+    b_t, a_t = lowrank_factors(layer, rank)
+    width = cached_out.shape[-1]
+    moved = torch.addmm(cached_out.reshape(-1, width), delta.reshape(-1, delta.shape[-1]) @ b_t, a_t)
+    return moved.reshape(cached_out.shape)
+
 def rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
     """mean|new - old| / mean|old|: TeaCache's and first-block caching's change signal."""
     return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
@@ -633,6 +746,11 @@ class CacheRun:
     guidance: np.ndarray | None = None
     rows: slice | None = None
     guidance_delta: torch.Tensor | None = None
+    # icc: rank of the increment calibration of reused components (0: plain reuse); `inputs`
+    # holds, per (block, component, name), the linear layers' inputs and outputs at the last
+    # computation that calibration starts from.
+    calibration_rank: int = 0
+    inputs: dict = field(default_factory=dict)
 
     def reuses_guidance(self) -> bool:
         """Whether the coming step skips the unconditional branch (see `pixforge.sampling.pipeline`)."""
@@ -686,6 +804,8 @@ class CacheRun:
 
     # --- one block, component-wise ---------------------------------------------------------
     def _block(self, index, block, x, t_mod, grid, k, v, bias, compute, text_context, keep_delta: bool):
+        if self.calibration_rank:
+            return self._block_calibrated(index, block, x, t_mod, grid, k, v, bias, compute, text_context)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(t_mod)
         x_in = x
         n = x.shape[1]
@@ -710,6 +830,58 @@ class CacheRun:
         if keep_delta:
             self._put(self.deltas, index, x - x_in)
         return x
+
+    # --- icc: increment-calibrated reuse --------------------------------------------------------
+    def _block_calibrated(self, index, block, x, t_mod, grid, k, v, bias, compute, text_context):
+        """A block whose reused components are recomputed from their linear layers' input
+        changes at low rank. A computed component records each linear layer's input and output
+        (the cache that calibration starts from); a calibrated one leaves the cache as it is."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(t_mod)
+        attn1, attn2, ff = block.attn1, block.attn2, block.ff
+
+        component, computing = None, True
+
+        def linear(layer, name_in, value, name_out=None):
+            """layer(value), recording input and output, where the component computes; else the
+            recorded output moved by the input's change at low rank. name_out None: the
+            component's output (the reuse cache)."""
+            store, key = (self.outputs, (index, component)) if name_out is None else (
+                self.inputs, (index, component, name_out))
+            if computing:
+                self._put(self.inputs, (index, component, name_in), value)
+                return self._put(store, key, layer(value))
+            cached = self._cached(index, component) if name_out is None else self._stored(index, component, name_out)
+            return self._calibrate(layer, index, component, name_in, value, cached)
+
+        text_len = text_context.kv[0][0].shape[2]
+        for i, component in enumerate(COMPONENTS):
+            computing = bool(compute[i])
+            if component == "attn1":
+                qkv = linear(attn1.to_qkv, "u", modulate(block.norm(x), shift_msa, scale_msa), "qkv")
+                x = torch.addcmul(x, gate_msa, linear(attn1.to_out, "o", attn1.attend(*qkv.chunk(3, dim=-1), grid)))
+            elif component == "attn2":
+                q = linear(attn2.to_q, "u", x, "q")
+                x = x + linear(attn2.to_out, "o", attn2.attend(q, k, v, bias))
+            else:
+                hidden = linear(ff.fc1, "u", modulate(block.norm(x), shift_mlp, scale_mlp), "y1")
+                x = torch.addcmul(x, gate_mlp, linear(ff.fc2, "h", F.gelu(hidden, approximate="tanh")))
+            if computing:
+                self._count(block, component, x, x.shape[1], grid, text_context)
+            else:
+                self.macs[component] += calibrated_macs(block, component, x.shape[0], x.shape[1], text_len,
+                                                        self.calibration_rank)
+        return x
+
+    def _stored(self, index, component, name) -> torch.Tensor:
+        value = self._get(self.inputs, (index, component, name))
+        if value is None:
+            self._missing(index, component)
+        return value
+
+    def _calibrate(self, layer, index, component, name_in, value, cached_out) -> torch.Tensor:
+        """cached_out + low-rank(layer)(value - the input it was computed from)."""
+        delta = value - self._stored(index, component, name_in)
+        return lowrank_increment(layer, delta, cached_out, self.calibration_rank)
 
     def _cached(self, index, component) -> torch.Tensor:
         value = self._get(self.outputs, (index, component))
@@ -885,7 +1057,8 @@ _POSITIONAL = {"fora": "interval", "delta-dit": "interval", "toca": "interval", 
 CACHE_HELP = (
     "none | fora:N | delta-dit:interval=2,boundary=0.5,blocks=K | toca:interval=3,ratio=0.3 | "
     "teacache:THRESHOLD | first-block:THRESHOLD | late-dense:FRACTION,gamma=0.5 | cfg-cache:N | "
-    "path/to/schedule.json (ours or ECAD's) | any of these but toca + cfg-cache:N (e.g. fora:2+cfg-cache:3)"
+    "path/to/schedule.json (ours or ECAD's) | any of these but toca + cfg-cache:N (e.g. fora:2+cfg-cache:3) | "
+    "a static one + icc:RANK (increment-calibrated reuse, e.g. fora:3+icc:16)"
 )
 
 
@@ -907,7 +1080,7 @@ def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = Non
     Returns None for no cache. Raises PixforgeError naming the problem otherwise.
     """
     if spec is None or isinstance(spec, (Fora, DeltaDiT, LateDense, ToCa, TeaCache, FirstBlockCache, CacheSchedule,
-                                         CfgCache, WithCfgCache)):
+                                         CfgCache, WithCfgCache, Icc)):
         return spec
     if isinstance(spec, dict):
         return CacheSchedule.from_dict(spec)
@@ -923,8 +1096,23 @@ def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = Non
         cfg = parse_cache_spec(extra, teacache_coefficients)
         policy = parse_cache_spec(base, teacache_coefficients)
         return cfg if policy is None else WithCfgCache(policy, cfg)
+    if plus and extra.strip().lower().startswith("icc"):
+        _, _, value = extra.partition(":")
+        key, eq, rank = value.partition("=")
+        rank = rank if eq else key
+        if eq and key.strip() != "rank":
+            raise PixforgeError(f"cache policy icc has no parameter {key.strip()!r}; it takes rank (icc:16)")
+        try:
+            rank = int(rank.strip()) if rank.strip() else Icc.rank
+        except ValueError as error:
+            raise PixforgeError(f"cache policy icc: rank={rank.strip()!r} is not an integer") from error
+        policy = parse_cache_spec(base, teacache_coefficients)
+        if policy is None:
+            raise PixforgeError(f"cache={text!r}: icc calibrates a policy's reuse; give one (e.g. fora:3+icc:16)")
+        return Icc(policy, rank)
     if plus and not Path(text).is_file():
-        raise PixforgeError(f"cache={text!r}: only cfg-cache:N combines with another policy (POLICY+cfg-cache:N)")
+        raise PixforgeError(f"cache={text!r}: only cfg-cache:N and icc:R combine with another policy "
+                            f"(POLICY+cfg-cache:N, POLICY+icc:R)")
     if text.endswith(".json") or "/" in text or Path(text).is_file():
         return CacheSchedule.load(text)
     name, _, args = text.partition(":")

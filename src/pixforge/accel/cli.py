@@ -61,6 +61,10 @@ def search_cache_command(
         help="Search only schedules at least this much cheaper in MACs (candidates outside the window are "
              "never run; the whole population works where you need a schedule)."),
     max_speedup: float = typer.Option(float("inf"), "--max-speedup", help="... and at most this much cheaper."),
+    icc: int = typer.Option(
+        0, "--icc",
+        help="Search schedules whose reused components are increment-calibrated at this rank (icc; 0: plain "
+             "reuse). MACs count the calibration."),
 ) -> None:
     """Search per-step x per-block x per-component cache schedules (ECAD, NSGA-II via pymoo).
 
@@ -90,7 +94,7 @@ def search_cache_command(
         raise PixforgeError(f"--cfg-cache needs classifier-free guidance; the guidance scale is {guidance}")
     window = None if (min_speedup, max_speedup) == (1.0, float("inf")) else (min_speedup, max_speedup)
     config = SearchConfig(population=population, mutation_rate=mutation, seed=seed, random_fraction=random_fraction,
-                          granularity=granularity, guidance=cfg_cache, speedup=window)
+                          granularity=granularity, guidance=cfg_cache, speedup=window, calibration_rank=icc)
     identity = {"model": pipe.model_hash, "prompts": prompts, "cfg": guidance}
     if quality_kind != "accuracy":  # (searches from before the option keep their identity)
         identity["quality"] = quality_kind

@@ -53,6 +53,8 @@ class SearchConfig:
     # Keep the search inside this MACs speed-up window (lo, hi; hi may be inf): two more
     # constraints, and a candidate outside it is never run through the model.
     speedup: tuple[float, float] | None = None
+    # icc: every candidate calibrates its reused components at this rank (0: plain reuse)
+    calibration_rank: int = 0
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -61,6 +63,8 @@ class SearchConfig:
             raise PixforgeError(f"population={self.population} must be >= 4")
         if not all(0 <= v <= 1 for v in (self.mutation_rate, self.crossover_prob, self.random_fraction)):
             raise PixforgeError("mutation_rate, crossover_prob and random_fraction must be in [0, 1]")
+        if not isinstance(self.calibration_rank, int) or self.calibration_rank < 0:
+            raise PixforgeError(f"calibration_rank={self.calibration_rank!r} must be an int >= 0")
         if self.speedup is not None:
             lo, hi = self.speedup
             if not 1.0 <= lo < hi:
@@ -181,6 +185,8 @@ class ScheduleSearch:
             del self.identity["granularity"]
         if not config.guidance:
             del self.identity["guidance"]
+        if not config.calibration_rank:
+            del self.identity["calibration_rank"]
         if config.speedup is None:
             del self.identity["speedup"]
         else:  # as JSON reads it back (a list; an unbounded top as null)
@@ -224,12 +230,12 @@ class ScheduleSearch:
             per_step = bits if bits.shape[1] == 3 else np.repeat(bits, 3, axis=1)
             compute = np.repeat(per_step[:, None, :], self.blocks, axis=1)
         compute[0] = True
-        return CacheSchedule(compute, name=name, guidance=guidance)
+        return CacheSchedule(compute, name=name, guidance=guidance, calibration_rank=self.config.calibration_rank)
 
     def genome(self, schedule: CacheSchedule) -> np.ndarray | None:
         """The genome of a schedule, or None if this genome cannot express it."""
         if (schedule.steps, schedule.blocks) != (self.steps, self.blocks) or schedule.block_reuse != "gated":
-            return None
+            return None  # (a seed's calibration rank is not part of the genome: it takes the search's)
         if schedule.guidance is not None and not self.config.guidance:
             return None
         compute = schedule.compute

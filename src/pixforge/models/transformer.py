@@ -219,8 +219,11 @@ class SelfAttention(nn.Module):
         return grid.flatten(2).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        q, k, v = self.project_qkv(x)  # (B, N, D) each
+        return self.to_out(self.attend(*self.project_qkv(x), grid_hw))
+
+    def attend(self, q, k, v, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """Projected q, k, v (B, N, D) each -> the attention output before `to_out`, (B, N, D)."""
+        batch, tokens, dim = q.shape
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.kv_compress_scale > 1:
@@ -230,7 +233,7 @@ class SelfAttention(nn.Module):
         k = k.reshape(batch, -1, self.heads, head_dim).transpose(1, 2)  # (B, H, N', d)
         v = v.reshape(batch, -1, self.heads, head_dim).transpose(1, 2)
         out = attention(q, k, v, None, self.use_sdpa)  # (B, H, N, d)
-        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return out.transpose(1, 2).reshape(batch, tokens, dim)
 
 
 class CrossAttention(nn.Module):
@@ -260,14 +263,18 @@ class CrossAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        q = self.to_q(x).reshape(batch, tokens, self.heads, dim // self.heads).transpose(1, 2)  # (B, H, N, d)
+        return self.to_out(self.attend(self.to_q(x), k, v, bias))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Projected queries (B, N, D) and text K/V -> the attention output before `to_out`, (B, N, D)."""
+        batch, tokens, dim = q.shape
+        q = q.reshape(batch, tokens, self.heads, dim // self.heads).transpose(1, 2)  # (B, H, N, d)
         if k.shape[0] != batch:  # one prompt's K/V shared by several images
             repeat = batch // k.shape[0]
             k, v = k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
             bias = None if bias is None else bias.repeat_interleave(repeat, 0)
         out = attention(q, k, v, bias, self.use_sdpa)
-        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return out.transpose(1, 2).reshape(batch, tokens, dim)
 
 
 class FeedForward(nn.Module):
