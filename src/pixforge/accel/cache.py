@@ -621,6 +621,14 @@ def component_macs(block, component: str, batch: int, queries: int, tokens: int,
     return batch * (queries * linear + _attention_macs(block, component, queries, tokens, text_len))
 
 
+def calibration_record_macs(block, component: str, batch: int, tokens: int, rank: int) -> int:
+    """Extra MACs of a *computed* component under icc: each linear layer's input is also
+    projected onto its rank-r right singular vectors (what a later calibration starts from;
+    kept instead of the input itself, r values per token instead of `in`)."""
+    return batch * tokens * sum(min(rank, layer.in_features, layer.out_features) * layer.in_features
+                                for layer in component_linears(block, component))
+
+
 def calibrated_macs(block, component: str, batch: int, tokens: int, text_len: int, rank: int) -> int:
     """MACs of an increment-calibrated reuse (icc) of a component: per linear layer
     min(rank, in, out) x (in + out) per token, the attention itself in full."""
@@ -676,7 +684,9 @@ def schedule_macs(transformer, schedule: CacheSchedule, height: int, width: int,
     if schedule.calibration_rank:  # every reused component is recomputed at low rank
         cal = np.array([[calibrated_macs(b, comp, batch, tokens, text_len, schedule.calibration_rank)
                          for comp in COMPONENTS] for b in blocks], dtype=np.float64)
-        blocks_macs += float(((~mask * cal[None]).sum(axis=(1, 2)) * share).sum())
+        record = np.array([[calibration_record_macs(b, comp, batch, tokens, schedule.calibration_rank)
+                            for comp in COMPONENTS] for b in blocks], dtype=np.float64)
+        blocks_macs += float(((~mask * cal[None] + mask * record[None]).sum(axis=(1, 2)) * share).sum())
     full = float(per.sum()) * schedule.steps
     overhead = step_overhead_macs(transformer, batch, tokens)
     text = text_macs(transformer, batch, text_len)
@@ -706,13 +716,16 @@ def lowrank_factors(layer: torch.nn.Linear, rank: int) -> tuple[torch.Tensor, to
     return by_rank[r]
 
 
-def lowrank_increment(layer: torch.nn.Linear, delta: torch.Tensor, cached_out: torch.Tensor, rank: int) -> torch.Tensor:
-    """cached_out + delta @ W_r^T: a linear layer's output moved by its input's change, through
-    the rank-r SVD of its weight (the bias is already in cached_out)."""
-    b_t, a_t = lowrank_factors(layer, rank)
+def lowrank_increment(layer: torch.nn.Linear, projected_delta: torch.Tensor, cached_out: torch.Tensor,
+                      rank: int) -> torch.Tensor:
+    """cached_out + (input change) @ W_r^T, given the input change already projected onto the
+    rank-r right singular vectors of the weight (`projected_delta` = delta @ B^T, (..., r)); the
+    bias is already in cached_out."""
+    _, a_t = lowrank_factors(layer, rank)
     width = cached_out.shape[-1]
-    moved = torch.addmm(cached_out.reshape(-1, width), delta.reshape(-1, delta.shape[-1]) @ b_t, a_t)
+    moved = torch.addmm(cached_out.reshape(-1, width), projected_delta.reshape(-1, projected_delta.shape[-1]), a_t)
     return moved.reshape(cached_out.shape)
+
 
 def rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
     """mean|new - old| / mean|old|: TeaCache's and first-block caching's change signal."""
@@ -747,8 +760,8 @@ class CacheRun:
     rows: slice | None = None
     guidance_delta: torch.Tensor | None = None
     # icc: rank of the increment calibration of reused components (0: plain reuse); `inputs`
-    # holds, per (block, component, name), the linear layers' inputs and outputs at the last
-    # computation that calibration starts from.
+    # holds, per (block, component, name), what calibration starts from: the linear layers'
+    # inputs projected to rank r (x @ V_r) and their outputs, at the component's last computation.
     calibration_rank: int = 0
     inputs: dict = field(default_factory=dict)
 
@@ -834,8 +847,9 @@ class CacheRun:
     # --- icc: increment-calibrated reuse --------------------------------------------------------
     def _block_calibrated(self, index, block, x, t_mod, grid, k, v, bias, compute, text_context):
         """A block whose reused components are recomputed from their linear layers' input
-        changes at low rank. A computed component records each linear layer's input and output
-        (the cache that calibration starts from); a calibrated one leaves the cache as it is."""
+        changes at low rank. A computed component records each linear layer's output and its
+        input projected to rank r (the cache that calibration starts from); a calibrated one
+        leaves the cache as it is."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(t_mod)
         attn1, attn2, ff = block.attn1, block.attn2, block.ff
 
@@ -848,12 +862,12 @@ class CacheRun:
             store, key = (self.outputs, (index, component)) if name_out is None else (
                 self.inputs, (index, component, name_out))
             if computing:
-                self._put(self.inputs, (index, component, name_in), value)
+                self._put(self.inputs, (index, component, name_in), value @ lowrank_factors(layer, rank)[0])
                 return self._put(store, key, layer(value))
             cached = self._cached(index, component) if name_out is None else self._stored(index, component, name_out)
             return self._calibrate(layer, index, component, name_in, value, cached)
 
-        text_len = text_context.kv[0][0].shape[2]
+        text_len, rank = text_context.kv[0][0].shape[2], self.calibration_rank
         for i, component in enumerate(COMPONENTS):
             computing = bool(compute[i])
             if component == "attn1":
@@ -867,6 +881,7 @@ class CacheRun:
                 x = torch.addcmul(x, gate_mlp, linear(ff.fc2, "h", F.gelu(hidden, approximate="tanh")))
             if computing:
                 self._count(block, component, x, x.shape[1], grid, text_context)
+                self.macs[component] += calibration_record_macs(block, component, x.shape[0], x.shape[1], rank)
             else:
                 self.macs[component] += calibrated_macs(block, component, x.shape[0], x.shape[1], text_len,
                                                         self.calibration_rank)
@@ -879,9 +894,11 @@ class CacheRun:
         return value
 
     def _calibrate(self, layer, index, component, name_in, value, cached_out) -> torch.Tensor:
-        """cached_out + low-rank(layer)(value - the input it was computed from)."""
-        delta = value - self._stored(index, component, name_in)
-        return lowrank_increment(layer, delta, cached_out, self.calibration_rank)
+        """cached_out + low-rank(layer)(value - the input it was computed from), the input's
+        change taken in the rank-r projection that the computed step recorded."""
+        projected = value @ lowrank_factors(layer, self.calibration_rank)[0]
+        return lowrank_increment(layer, projected - self._stored(index, component, name_in), cached_out,
+                                 self.calibration_rank)
 
     def _cached(self, index, component) -> torch.Tensor:
         value = self._get(self.outputs, (index, component))
