@@ -286,9 +286,22 @@ def test_unknown_a1111_fields_are_ignored_and_listed(client):
 def test_cache_none_is_accepted_and_bad_or_path_specs_are_refused(client):
     for spec in ("none", "off", ""):
         assert client.post(OPENAI, json={"prompt": "x", "cache": spec, **FAST}).status_code == 200
-    for spec in ("bogus:1", "/etc/passwd", "schedule.json", "fora:3; rm -rf", "x" * 300):
+    for spec in ("bogus:1", "/etc/passwd", "schedule.json", "fora:3; rm -rf", "x" * 300, "fora:2+", "fora:2++icc:4",
+                 "fora:2+icc:4/x", "toca:3+icc:4"):
         response = client.post(OPENAI, json={"prompt": "x", "cache": spec, **FAST})
         assert response.status_code == 422 and response.json()["error"]["param"] == "cache", spec
+
+
+def test_combined_cache_specs_are_accepted_and_batch_only_when_static():
+    pytest.importorskip("pixforge.accel.cache")
+    from pixforge.serve.schemas import CACHE_SPEC, ModelInfo, cache_is_batch_safe
+
+    model = ModelInfo(name="m", native_size=64, size_multiple=8, default_sampler="dpm++", default_guidance=4.5,
+                      model_hash="0", cache_supported=True)
+    for spec in ("fora:2+cfg-cache:3", "fora:3+icc:16", "fora:2+cfg-cache:3+icc:8", "late-dense:0.5", "cfg-cache:2"):
+        assert CACHE_SPEC.fullmatch(spec) and cache_is_batch_safe(spec, model), spec
+    for spec in ("teacache:0.1", "teacache:0.1+cfg-cache:2", "toca:3", "first-block:0.1"):
+        assert CACHE_SPEC.fullmatch(spec) and not cache_is_batch_safe(spec, model), spec
 
 
 def test_a_valid_cache_spec_reaches_the_pipeline_and_jobs_with_it_batch_apart(pipe, monkeypatch):

@@ -157,7 +157,7 @@ def generate_command(
     out_dir: str = typer.Option("outputs", "-o", "--out-dir", help="Folder for the PNGs (created if needed)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto (the faster one on this machine)."),
     binning: bool = typer.Option(False, "--bin/--no-bin", help="Generate at PixArt's nearest aspect-ratio bucket, resize to --size."),
-    cache: str = typer.Option("none", "--cache", help="Feature caching across steps: fora:N | delta-dit:... | toca:... | teacache:T | first-block:T | late-dense:F | cfg-cache:N | schedule.json, and POLICY+cfg-cache:N (docs/acceleration.md)."),
+    cache: str = typer.Option("none", "--cache", help="Feature caching across steps: fora:N | delta-dit:... | toca:... | teacache:T | first-block:T | late-dense:F | cfg-cache:N | schedule.json, and POLICY+cfg-cache:N, POLICY+icc:R (docs/acceleration.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate images from a prompt; write PNGs with their settings embedded (A1111 'parameters').

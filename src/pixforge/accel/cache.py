@@ -1154,5 +1154,14 @@ def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = Non
     return cls(**kwargs)
 
 
+def is_static(policy) -> bool:
+    """Whether a policy's decisions depend on the step alone (a schedule fixed in advance), not on
+    the features of the batch it runs in: such a policy gives every image of a batch what it
+    would get alone, so requests with it can share a batch."""
+    if isinstance(policy, WithCfgCache):
+        return is_static(policy.policy)
+    return isinstance(policy, (CacheSchedule, Fora, DeltaDiT, LateDense, CfgCache, Icc))
+
+
 def policy_name(policy) -> str:
     return "none" if policy is None else policy.name

@@ -29,13 +29,15 @@ RANDOM_SEED_BELOW = 2**32
 # Karras sigmas are another schedule).
 A1111_SAMPLERS = {"DPM++ 2M": "dpm++", "DDIM": "ddim", "Euler": "euler", "Euler a": "euler-a", "LCM": "lcm"}
 NO_CACHE = ("", "none", "off")
-# A policy spec such as 'fora:3', 'teacache:0.1', 'delta-dit:interval=2,boundary=0.5'; no paths:
-# a schedule file named by a client would make the server read its own disk.
-CACHE_SPEC = re.compile(r"[A-Za-z][A-Za-z0-9_-]*(:[A-Za-z0-9_.,=+-]*)?")
+# A policy spec such as 'fora:3', 'teacache:0.1', 'delta-dit:interval=2,boundary=0.5', or policies
+# joined by '+' ('fora:2+cfg-cache:3+icc:16'); no paths: a schedule file named by a client would
+# make the server read its own disk.
+_CACHE_PART = r"[A-Za-z][A-Za-z0-9_-]*(?::[A-Za-z0-9_.,=-]*)?"
+CACHE_SPEC = re.compile(rf"{_CACHE_PART}(?:\+{_CACHE_PART})*")
 CACHE_SPEC_MAX_CHARS = 200
 # Adaptive policies decide from the whole batch's features, so a request's image would depend
-# on what it was batched with; static schedules decide per step only and are safe to batch.
-BATCH_SAFE_POLICIES = ("Fora", "DeltaDiT", "CacheSchedule")
+# on what it was batched with; static schedules decide per step only and are safe to batch
+# (`pixforge.accel.cache.is_static`).
 TASK_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 SIZE = re.compile(r" *([0-9]{1,6}) *[xX] *([0-9]{1,6}) *")  # ASCII digits only: "６４" is not 64
 
@@ -200,9 +202,9 @@ def check_cache(value: str | None, model: ModelInfo) -> str | None:
 def cache_is_batch_safe(spec: str | None, model: ModelInfo) -> bool:
     if spec is None:
         return True
-    from pixforge.accel.cache import parse_cache_spec
+    from pixforge.accel.cache import is_static, parse_cache_spec
 
-    return type(parse_cache_spec(spec, model.teacache_coefficients)).__name__ in BATCH_SAFE_POLICIES
+    return is_static(parse_cache_spec(spec, model.teacache_coefficients))
 
 
 def _seeds(seed: int | None, images: int) -> tuple[int, ...]:
