@@ -233,9 +233,10 @@ class ScheduleSearch:
         return CacheSchedule(compute, name=name, guidance=guidance, calibration_rank=self.config.calibration_rank)
 
     def genome(self, schedule: CacheSchedule) -> np.ndarray | None:
-        """The genome of a schedule, or None if this genome cannot express it."""
+        """The genome of a schedule, or None if this genome cannot express it. A schedule's
+        calibration rank is not part of the genome: the search's own rank applies to it."""
         if (schedule.steps, schedule.blocks) != (self.steps, self.blocks) or schedule.block_reuse != "gated":
-            return None  # (a seed's calibration rank is not part of the genome: it takes the search's)
+            return None
         if schedule.guidance is not None and not self.config.guidance:
             return None
         compute = schedule.compute
