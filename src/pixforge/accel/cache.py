@@ -423,6 +423,15 @@ class CfgCache:
         return self.schedule(steps, blocks).start(steps, blocks)
 
 
+def static_schedule(policy, steps: int, blocks: int) -> CacheSchedule:
+    """The static schedule a policy compiles to (a schedule is its own); online policies have none."""
+    if isinstance(policy, CacheSchedule):
+        return policy
+    if not hasattr(policy, "schedule"):
+        raise PixforgeError(f"{policy.name} decides online; it has no static schedule")
+    return policy.schedule(steps, blocks)
+
+
 @dataclass(frozen=True)
 class WithCfgCache:
     """A block-level policy (`policy`) plus CFG-cache (`cfg`): `teacache:0.1+cfg-cache:3`."""
@@ -443,12 +452,7 @@ class WithCfgCache:
         return f"{self.policy.name}+{self.cfg.name}"
 
     def schedule(self, steps: int, blocks: int) -> CacheSchedule:
-        if isinstance(self.policy, CacheSchedule):
-            base = self.policy
-        elif hasattr(self.policy, "schedule"):
-            base = self.policy.schedule(steps, blocks)
-        else:
-            raise PixforgeError(f"{self.policy.name} decides online; it has no static schedule")
+        base = static_schedule(self.policy, steps, blocks)
         return base.with_guidance(base.guidance_mask & self.cfg.mask(steps), name=self.name)
 
     def start(self, steps: int, blocks: int) -> "CacheRun":
@@ -476,9 +480,7 @@ class Icc:
             raise PixforgeError(f"icc rank={self.rank!r} must be an int >= 1")
         if isinstance(self.policy, Icc):
             raise PixforgeError(f"icc is given twice ({self.policy.name} + icc:{self.rank})")
-        if isinstance(self.policy, (ToCa, TeaCache, FirstBlockCache, DeltaDiT)) or (
-                isinstance(self.policy, WithCfgCache) and not hasattr(self.policy.policy, "schedule")
-                and not isinstance(self.policy.policy, CacheSchedule)):
+        if isinstance(self.policy, DeltaDiT) or not is_static(self.policy):  # Δ-DiT reuses whole blocks
             raise PixforgeError(f"icc calibrates component-wise reuse of a static schedule; it does not combine "
                                 f"with {self.policy.name}")
 
@@ -487,8 +489,7 @@ class Icc:
         return f"{self.policy.name}+icc:{self.rank}"
 
     def schedule(self, steps: int, blocks: int) -> CacheSchedule:
-        base = self.policy if isinstance(self.policy, CacheSchedule) else self.policy.schedule(steps, blocks)
-        return base.with_calibration(self.rank, name=self.name)
+        return static_schedule(self.policy, steps, blocks).with_calibration(self.rank, name=self.name)
 
     def start(self, steps: int, blocks: int) -> "CacheRun":
         return self.schedule(steps, blocks).start(steps, blocks)
@@ -716,17 +717,6 @@ def lowrank_factors(layer: torch.nn.Linear, rank: int) -> tuple[torch.Tensor, to
     return by_rank[r]
 
 
-def lowrank_increment(layer: torch.nn.Linear, projected_delta: torch.Tensor, cached_out: torch.Tensor,
-                      rank: int) -> torch.Tensor:
-    """cached_out + (input change) @ W_r^T, given the input change already projected onto the
-    rank-r right singular vectors of the weight (`projected_delta` = delta @ B^T, (..., r)); the
-    bias is already in cached_out."""
-    _, a_t = lowrank_factors(layer, rank)
-    width = cached_out.shape[-1]
-    moved = torch.addmm(cached_out.reshape(-1, width), projected_delta.reshape(-1, projected_delta.shape[-1]), a_t)
-    return moved.reshape(cached_out.shape)
-
-
 def rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
     """mean|new - old| / mean|old|: TeaCache's and first-block caching's change signal."""
     return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
@@ -883,8 +873,7 @@ class CacheRun:
                 self._count(block, component, x, x.shape[1], grid, text_context)
                 self.macs[component] += calibration_record_macs(block, component, x.shape[0], x.shape[1], rank)
             else:
-                self.macs[component] += calibrated_macs(block, component, x.shape[0], x.shape[1], text_len,
-                                                        self.calibration_rank)
+                self.macs[component] += calibrated_macs(block, component, x.shape[0], x.shape[1], text_len, rank)
         return x
 
     def _stored(self, index, component, name) -> torch.Tensor:
@@ -894,11 +883,14 @@ class CacheRun:
         return value
 
     def _calibrate(self, layer, index, component, name_in, value, cached_out) -> torch.Tensor:
-        """cached_out + low-rank(layer)(value - the input it was computed from), the input's
-        change taken in the rank-r projection that the computed step recorded."""
-        projected = value @ lowrank_factors(layer, self.calibration_rank)[0]
-        return lowrank_increment(layer, projected - self._stored(index, component, name_in), cached_out,
-                                 self.calibration_rank)
+        """cached_out + (value - the input it was computed from) @ W_r^T: the layer's output moved
+        by its input's change through the rank-r SVD of its weight (the bias is already in
+        cached_out), the change taken in the rank-r projection the computed step recorded."""
+        b_t, a_t = lowrank_factors(layer, self.calibration_rank)
+        projected = value @ b_t - self._stored(index, component, name_in)
+        width = cached_out.shape[-1]
+        moved = torch.addmm(cached_out.reshape(-1, width), projected.reshape(-1, projected.shape[-1]), a_t)
+        return moved.reshape(cached_out.shape)
 
     def _cached(self, index, component) -> torch.Tensor:
         value = self._get(self.outputs, (index, component))
