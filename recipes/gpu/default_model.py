@@ -317,6 +317,8 @@ def main() -> None:
     def best(name):
         return max((r["overall"], float(cfg)) for cfg, r in results["t2i"][name].items())
 
+    if not results["t2i"]:
+        raise SystemExit("no transformer run produced a model: see metrics.tar (each run's train.log)")
     winner = max(results["t2i"], key=best)
     results["winner"], results["winner_cfg"] = winner, best(winner)[1]
     ship = runs_dir / "ship"
