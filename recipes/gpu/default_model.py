@@ -19,7 +19,8 @@
 6. Accuracy vs training samples: the EMA of every kept checkpoint on `--curve-n` test prompts
    at the winner's CFG (last, so a cut-off run has already written the model).
 
-Measured on an H100 (2026-11-26, 2026-11-27: the shipped model) in docs/training.md ("On a GPU").
+Measured on an H100 (2026-11-26, 2026-11-27 twice: the shipped model is the third run,
+`--runs t2i-10m-ft,t2i-10m-ft-hi`) in docs/training.md ("On a GPU").
 """
 from __future__ import annotations
 
