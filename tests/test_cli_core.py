@@ -58,3 +58,22 @@ def test_precision_names_are_validated_and_auto_resolves_to_a_real_dtype(tmp_pat
         precision.resolve_dtype("fp8")
     assert precision.resolve_dtype("auto") in (torch.float32, torch.bfloat16)
     assert (tmp_path / "precision.json").exists()  # measured once, then cached
+
+
+def test_devices_are_validated_with_a_clear_error(monkeypatch):
+    from pixforge.models import precision
+
+    assert precision.resolve_device("cpu") == "cpu" and precision.resolve_device(torch.device("cpu")) == "cpu"
+    with pytest.raises(PixforgeError, match="unknown device 'tpu'"):
+        precision.resolve_device("tpu")
+    with pytest.raises(PixforgeError, match="unknown device 'cuda:x'"):
+        precision.resolve_device("cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.resolve_device("auto") == "cpu"
+    with pytest.raises(PixforgeError, match="no CUDA GPU is visible here"):
+        precision.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert precision.resolve_device("auto") == "cuda" and precision.resolve_device("CUDA:0") == "cuda:0"
+    with pytest.raises(PixforgeError, match="has 1 CUDA GPU"):
+        precision.resolve_device("cuda:1")

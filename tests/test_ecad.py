@@ -3,6 +3,7 @@ and `pixforge search-cache` end to end on a tiny pipeline."""
 import json
 
 import numpy as np
+import torch
 import pytest
 
 pytest.importorskip("pymoo")
@@ -190,6 +191,11 @@ def test_search_cache_cli_on_a_tiny_pipeline(tmp_path, model_dir):
     resumed = invoke(args(2))
     assert resumed.exit_code == 0, resumed.output
     assert "gen   2" in resumed.output and "gen   1" not in resumed.output
+    assert "device" not in json.loads((out / "pareto.json").read_text())["identity"]  # CPU keeps its identity
+    if not torch.cuda.is_available():
+        for command in (args(3), ["rescore-cache", str(out), "--model", str(model_dir), "--steps", "3"]):
+            refused = invoke([*command, "--device", "cuda"])
+            assert "no CUDA GPU is visible here" in str(refused.exception), refused.output
 
 
 def test_agreement_quality_is_one_for_the_uncached_schedule_and_lower_with_reuse():

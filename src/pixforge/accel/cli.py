@@ -4,12 +4,15 @@ from __future__ import annotations
 import typer
 
 
-def _pipeline_and_cost(model, precision: str, cfg):
+DEVICE_HELP = "cpu | cuda | cuda:N | auto (a GPU where one is visible): where the candidates' images are generated."
+
+
+def _pipeline_and_cost(model, precision: str, cfg, device: str = "cpu"):
     """The pipeline, its guidance scale, and a schedule's MACs relative to no cache on it."""
     from pixforge.accel.cache import schedule_macs
     from pixforge.sampling.pipeline import load_pipeline
 
-    pipe = load_pipeline(model, precision=precision)
+    pipe = load_pipeline(model, precision=precision, device=device)
     guidance = pipe.guidance_scale if cfg is None else cfg
     batch = 2 if guidance > 1 else 1
 
@@ -52,6 +55,7 @@ def search_cache_command(
         help="An earlier search's pareto.json, or a schedule file: its schedules lead the first population "
              "(repeatable; with --cfg-cache each also with CFG-cache every 2nd and 3rd step)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     quality_kind: str = typer.Option(
         "accuracy", "--quality",
         help="accuracy: the shapes checker's pass rate | agreement: PSNR to the uncached images "
@@ -86,7 +90,7 @@ def search_cache_command(
         raise PixforgeError(f"--quality {quality_kind!r}: choose accuracy or agreement")
     seeds = [schedule for path in seed_from or [] for schedule in front_schedules(path)]
 
-    pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg)
+    pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg, device)
     blocks = pipe.transformer.config.num_layers
     make_quality = shapes_quality if quality_kind == "accuracy" else agreement_quality
     quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
@@ -100,6 +104,8 @@ def search_cache_command(
         identity["quality"] = quality_kind
     if _dtype_name(pipe) != "float32":  # evaluations depend on it (fp32 searches keep their identity)
         identity["precision"] = _dtype_name(pipe)
+    if pipe.device.type != "cpu":  # so do GPU kernels (CPU searches keep their identity)
+        identity["device"] = pipe.device.type
     search = ScheduleSearch(quality, macs_ratio, steps, blocks, out, config, identity=identity, seeds=seeds)
 
     def report(record: dict) -> None:
@@ -138,6 +144,7 @@ def rescore_cache_command(
     steps: int = typer.Option(20, "--steps", help="Sampling steps the schedules are for."),
     cfg: float = typer.Option(None, "--cfg", help="Guidance scale (default: the model's)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Score searches' Pareto points again on prompts none of them calibrated on; keep the front of that.
 
@@ -155,7 +162,7 @@ def rescore_cache_command(
     if prompts < 1 or first_prompt < 0:
         raise PixforgeError(f"--prompts {prompts} must be >= 1 and --first-prompt {first_prompt} >= 0")
     loaded = [(front_points(source), search_identity(source)) for source in sources]  # bad files fail first
-    pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg)
+    pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg, device)
     layers = pipe.transformer.config.num_layers
     baselines = {}  # (prompts, cfg, steps) of a search -> its no-cache accuracy on its calibration prompts
 
@@ -197,7 +204,7 @@ def rescore_cache_command(
         point["calibration_quality"] = measured
         point["calibration_delta"] = None if search_no_cache is None else measured - search_no_cache
     identity = {"model": pipe.model_hash, "prompts": prompts, "first_prompt": first_prompt, "cfg": guidance,
-                "steps": steps, "precision": _dtype_name(pipe),
+                "steps": steps, "precision": _dtype_name(pipe), "device": pipe.device.type,
                 "no_cache_quality": baseline, "rescored_from": [str(source) for source in sources]}
     path = write_front(out, identity, front)
     plot = plot_front(front, {"no cache": (baseline, 1.0)}, f"{out}/pareto.png")

@@ -91,6 +91,27 @@ def auto_precision(device: str = "cpu") -> str:
     return entry["choice"]
 
 
+def resolve_device(device: str | torch.device) -> str:
+    """"auto" -> "cuda" where a GPU is visible, else "cpu"; "cpu", "cuda" and "cuda:N" are checked
+    against this machine, so a missing GPU is one clear error rather than torch's from deep inside."""
+    name = str(device).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise PixforgeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise PixforgeError(f"device {device!r}: no CUDA GPU is visible here (torch {torch.__version__}, {built}); "
+                            f"use cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise PixforgeError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"numbered from 0")
+    return name
+
+
 def resolve_dtype(precision: str, device: str = "cpu") -> torch.dtype:
     """Map "auto" | "fp32" | "bf16" to a torch dtype for this device."""
     if precision not in PRECISIONS:

@@ -631,7 +631,9 @@ class PixArtPipeline:
         cls, path: str | Path, precision: str = "fp32", device: str | torch.device = "cpu"
     ) -> "PixArtPipeline":
         """Load a diffusers PixArt-α/Σ pipeline folder or a pixforge folder, offline."""
-        from pixforge.models.precision import resolve_dtype
+        from pixforge.models.precision import resolve_device, resolve_dtype
+
+        device = resolve_device(device)
 
         root = Path(path)
         index_path = root / MODEL_INDEX
