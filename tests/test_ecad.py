@@ -329,6 +329,12 @@ def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path, model_dir
     assert "its search: Δ" in result.output
     schedule = CacheSchedule.load(tmp_path / "r" / data["front"][0]["file"])
     assert schedule.steps == 3 and (tmp_path / "r" / "pareto.png").is_file()
+    calls.clear()
+    quick = invoke(["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "q"), "--prompts", "2",
+                    "--first-prompt", "50", "--no-calibration-deltas"])
+    assert quick.exit_code == 0, quick.output
+    assert calls == [(2, 50)] and "its search" not in quick.output  # no run on the search's calibration prompts
+    assert all(p["calibration_delta"] is None for p in json.loads((tmp_path / "q" / "pareto.json").read_text())["front"])
     too_fast = invoke(["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "x"),
                                         "--min-speedup", "100"])
     assert "no candidate schedule between --min-speedup 100" in str(too_fast.exception)

@@ -145,6 +145,11 @@ def rescore_cache_command(
     cfg: float = typer.Option(None, "--cfg", help="Guidance scale (default: the model's)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    calibration_deltas: bool = typer.Option(
+        True, "--calibration-deltas/--no-calibration-deltas",
+        help="Also run no cache on each search's own calibration prompts, at that search's precision, for the "
+             "Δ it measured (one extra evaluation per search; a bf16 search on a CPU without fast bf16 makes it "
+             "the slowest step)."),
 ) -> None:
     """Score searches' Pareto points again on prompts none of them calibrated on; keep the front of that.
 
@@ -168,7 +173,8 @@ def rescore_cache_command(
 
     def search_baseline(identity: dict | None) -> float | None:
         """No cache on the prompts a search calibrated on (they start at 0), when its quality was accuracy."""
-        if not identity or identity.get("quality", "accuracy") != "accuracy" or "prompts" not in identity:
+        if (not calibration_deltas or not identity or identity.get("quality", "accuracy") != "accuracy"
+                or "prompts" not in identity):
             return None
         key = (int(identity["prompts"]), float(identity.get("cfg", guidance)), int(identity.get("steps", steps)),
                identity.get("precision", "float32"))
