@@ -348,8 +348,12 @@ def test_cli_generate_writes_pngs_with_parameters_and_prints_paths_and_seed(mode
     info = read_png_parameters(paths[1])
     assert (info.prompt, info.negative_prompt, info.seed, info.steps, info.cfg_scale) == ("a red circle", "blurry", 43, 4, 3.0)
     assert (info.width, info.height, info.sampler) == (96, 64, "dpm++")
-    again = runner.invoke(app, ["generate", "x", "--steps", "2", "--model", str(model_dir), "-o", str(out), "-q", "--seed", "1"])
+    again = runner.invoke(app, ["generate", "x", "--steps", "2", "--model", str(model_dir), "-o", str(out), "-q", "--seed", "1",
+                                "--device", "cpu"])
     assert again.exit_code == 0 and (out / "00002-1.png").is_file()  # numbering continues, nothing overwritten
+    bad = runner.invoke(app, ["generate", "x", "--model", str(model_dir), "-o", str(out), "--device", "tpu"])
+    assert isinstance(bad.exception, PixforgeError) and "unknown device 'tpu'" in str(bad.exception)
+    assert len(list(out.glob("*.png"))) == 3  # nothing written
 
 
 def test_cli_generate_help_shows_examples():

@@ -156,6 +156,7 @@ def generate_command(
     model: str = typer.Option(None, "--model", help="Model folder (diffusers PixArt pipeline or pixforge); default: the embedded model."),
     out_dir: str = typer.Option("outputs", "-o", "--out-dir", help="Folder for the PNGs (created if needed)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto (the faster one on this machine)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (a GPU where one is visible)."),
     binning: bool = typer.Option(False, "--bin/--no-bin", help="Generate at PixArt's nearest aspect-ratio bucket, resize to --size."),
     cache: str = typer.Option("none", "--cache", help="Feature caching across steps: fora:N | delta-dit:... | toca:... | teacache:T | first-block:T | late-dense:F | cfg-cache:N | schedule.json, and POLICY+cfg-cache:N, POLICY+icc:R (docs/acceleration.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -171,6 +172,8 @@ def generate_command(
       pixforge generate "a cat" --model PixArt-Sigma-XL-2-512-MS --sampler euler-a --negative "blurry"
 
       pixforge generate "two green squares" --cache fora:2
+
+      pixforge generate "a cat" --model PixArt-Sigma-XL-2-1024-MS --device cuda --precision bf16
     """
     from pathlib import Path
 
@@ -178,7 +181,7 @@ def generate_command(
     from pixforge.sampling.pipeline import load_pipeline
 
     width, height = parse_size(size) if size else (None, None)
-    pipe = load_pipeline(model, precision=precision)
+    pipe = load_pipeline(model, precision=precision, device=device)
     result = pipe(
         prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
         guidance_scale=cfg, sampler=sampler, seed=seed, num_images_per_prompt=num_images, progress=not quiet,
