@@ -92,8 +92,9 @@ def auto_precision(device: str = "cpu") -> str:
 
 
 def resolve_device(device: str | torch.device) -> str:
-    """"auto" -> "cuda" where a GPU is visible, else "cpu"; "cpu", "cuda" and "cuda:N" are checked
-    against this machine, so a missing GPU is one clear error rather than torch's from deep inside."""
+    """A checked device name: `auto` -> `cuda` where a GPU is visible, else `cpu`; `cpu`, `cuda` and
+    `cuda:N` are checked against this machine, so a missing GPU is one clear error rather than
+    torch's from deep inside."""
     name = str(device).strip().lower()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
