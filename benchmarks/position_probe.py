@@ -31,6 +31,17 @@ from pixforge.shapes.world import OPPOSITE_RELATION, RELATIONS, CaptionSpec, Wor
 SHOWN = RELATIONS + ("missing",)
 
 
+def position_specs(n: int) -> list[CaptionSpec]:
+    """The first n test-split position scenes' specs (the probes' fixed caption set)."""
+    config = WorldConfig(mix=(("position", 1.0),))
+    return [sample(i, "test", config).scene.spec() for i in range(n)]
+
+
+def turned(spec: CaptionSpec) -> CaptionSpec:
+    """The same caption with its relation turned round, the objects in the same order."""
+    return CaptionSpec(spec.groups, OPPOSITE_RELATION[spec.relation], spec.background)
+
+
 def shown_relation(found, spec: CaptionSpec) -> tuple[str, tuple | None]:
     """The relation the image shows between the caption's first and second object, by the
     dominant axis of their centre offset, with that pair; "missing" (and None) unless each is
@@ -47,15 +58,13 @@ def shown_relation(found, spec: CaptionSpec) -> tuple[str, tuple | None]:
 
 
 def probe(pipe, n: int, cfg: float, steps: int = 20, batch: int = 16) -> dict:
-    config = WorldConfig(mix=(("position", 1.0),))
-    specs = [sample(i, "test", config).scene.spec() for i in range(n)]
+    specs = position_specs(n)
     asked, shown, holds = [], [], []
     flips = []
     for first in range(0, n, batch):
         chunk = specs[first:first + batch]
-        turned = [CaptionSpec(s.groups, OPPOSITE_RELATION[s.relation], s.background) for s in chunk]
         outcome = {}
-        for name, group in (("as written", chunk), ("turned", turned)):
+        for name, group in (("as written", chunk), ("turned", [turned(s) for s in chunk])):
             result = pipe([canonical_caption(s) for s in group], height=128, width=128, num_inference_steps=steps,
                           guidance_scale=cfg, seed=first, progress=False)
             outcome[name] = []
@@ -93,10 +102,9 @@ def relation_effect(pipe, n: int, timesteps=(950, 850, 750, 650), batch: int = 1
     from pixforge.sampling import samplers as S
     from pixforge.sampling.pipeline import encode_prompts, guided_model_fn, micro_conditions
 
-    config = WorldConfig(mix=(("position", 1.0),))
-    specs = [sample(i, "test", config).scene.spec() for i in range(n)]
+    specs = position_specs(n)
     written = [canonical_caption(s) for s in specs]
-    turned = [canonical_caption(CaptionSpec(s.groups, OPPOSITE_RELATION[s.relation], s.background)) for s in specs]
+    turned_round = [canonical_caption(turned(s)) for s in specs]
     other = written[1:] + written[:1]
     schedule = S.noise_schedule(pipe.schedule)
     latent = pipe.vae_scale_factor
@@ -109,7 +117,7 @@ def relation_effect(pipe, n: int, timesteps=(950, 850, 750, 650), batch: int = 1
         if pipe.transformer.config.uses_micro_conditions:
             resolution, aspect = micro_conditions(128, 128, size, "cpu")
         models = []
-        for captions in (written, turned, other):
+        for captions in (written, turned_round, other):
             text = encode_prompts(pipe.text_encoder, captions[first:first + size], None, pipe.max_sequence_length)
             context = pipe.transformer.prepare_text(text.embeds, text.mask)
             models.append(guided_model_fn(pipe.transformer, context, 1.0, shape[0], resolution, aspect,

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # position_probe
 FEATURES = Path("runs/refx/feature_cache")
 
 
@@ -141,7 +142,6 @@ def train(args) -> None:
 
 
 def probe_command(args) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from position_probe import probe, relation_effect
 
     from pixforge.sampling.pipeline import load_pipeline
@@ -169,23 +169,21 @@ def negative_command(args) -> None:
     turned round, so CFG amplifies exactly what the relation word changes (if anything)."""
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from position_probe import shown_relation
+    from position_probe import position_specs, shown_relation, turned
 
     from pixforge.eval.shapes import check
     from pixforge.sampling.pipeline import load_pipeline
-    from pixforge.shapes.world import OPPOSITE_RELATION, CaptionSpec, WorldConfig, canonical_caption, sample
+    from pixforge.shapes.world import canonical_caption
 
     torch.set_grad_enabled(False)
     pipe = load_pipeline(None)
-    specs = [sample(i, "test", WorldConfig(mix=(("position", 1.0),))).scene.spec() for i in range(args.n)]
+    specs = position_specs(args.n)
     for negative in ("empty", "turned"):
         passes, relation_right = [], []
         for first in range(0, args.n, 25):
             chunk = specs[first:first + 25]
             captions = [canonical_caption(s) for s in chunk]
-            negatives = None if negative == "empty" else [
-                canonical_caption(CaptionSpec(s.groups, OPPOSITE_RELATION[s.relation], s.background)) for s in chunk]
+            negatives = None if negative == "empty" else [canonical_caption(turned(s)) for s in chunk]
             result = pipe(captions, negative_prompt=negatives, num_inference_steps=20, guidance_scale=args.cfg,
                           seed=first, progress=False)
             for spec, caption, image in zip(chunk, captions, result.images):

@@ -72,22 +72,16 @@ def load_config(name: str, **changes):
 
 def check_vocabulary(config) -> None:
     """Every training caption and test prompt must tokenize to ids the (packed) MiniLM keeps."""
-    from safetensors.torch import load_file
-    from tokenizers import Tokenizer
+    sys.path.insert(0, str(RECIPES))
+    from pack_minilm import token_coverage
 
-    from pixforge.models.text import minilm_folder
     from pixforge.shapes.world import WorldConfig, sample
     from pixforge.train.data import all_captions, dataset_for
 
-    folder = minilm_folder()
-    word = load_file(folder / "model.safetensors")["embeddings.word_embeddings.weight"]
-    kept = set(word.abs().sum(dim=1).nonzero().flatten().tolist())
     dataset = dataset_for(config)
     captions = set(all_captions(dataset, config.num_workers))
     captions.update(sample(i, "test", WorldConfig(paraphrase=p)).caption for i in range(600) for p in (False, True))
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    used = {i for e in tokenizer.encode_batch(sorted(captions)) for i in e.ids}
-    missing = used - kept
+    used, missing = token_coverage(captions)
     if missing:
         raise SystemExit(f"captions use {len(missing)} token ids with no embedding row: {sorted(missing)[:10]}")
     log(f"vocabulary: {len(captions)} unique captions use {len(used)} token ids, all present")

@@ -41,17 +41,14 @@ fi
 # Every prompt the search and the re-scoring use must tokenize to ids the (packed) MiniLM keeps.
 python3 - "$PROMPTS" "$FRESH" <<'PY'
 import sys
-from safetensors.torch import load_file
-from tokenizers import Tokenizer
-from pixforge.models.text import minilm_folder
+sys.path.insert(0, "recipes/gpu")
+from pack_minilm import token_coverage
 from pixforge.shapes.world import WorldConfig, sample
 prompts, fresh = int(sys.argv[1]), int(sys.argv[2])
-folder = minilm_folder()
-kept = set(load_file(folder / "model.safetensors")["embeddings.word_embeddings.weight"].abs().sum(1).nonzero().flatten().tolist())
-captions = sorted({sample(i, "validation", WorldConfig()).caption for i in [*range(prompts), *range(3000, 3000 + fresh)]})
-used = {i for e in Tokenizer.from_file(str(folder / "tokenizer.json")).encode_batch(captions) for i in e.ids}
-if used - kept:
-    sys.exit(f"validation prompts use {len(used - kept)} token ids the packed MiniLM lacks")
+captions = {sample(i, "validation", WorldConfig()).caption for i in [*range(prompts), *range(3000, 3000 + fresh)]}
+used, missing = token_coverage(captions)
+if missing:
+    sys.exit(f"validation prompts use {len(missing)} token ids the packed MiniLM lacks")
 print(f"vocabulary: {len(captions)} prompts, {len(used)} token ids, all present")
 PY
 PIXFORGE=(python3 -m pixforge.cli)

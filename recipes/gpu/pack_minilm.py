@@ -38,6 +38,21 @@ def caption_set(num_samples: int, paraphrase: float, test_prompts: int) -> set[s
     return captions
 
 
+def token_coverage(captions) -> tuple[set[int], set[int]]:
+    """(token ids the captions use, those among them the importable MiniLM has no row for): a
+    packed copy keeps only the shapes world's rows, so every caption a run encodes must be covered."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from pixforge.models.text import minilm_folder
+
+    folder = minilm_folder()
+    word = load_file(folder / "model.safetensors")[WORD]
+    kept = set(word.abs().sum(dim=1).nonzero().flatten().tolist())
+    used = {i for e in Tokenizer.from_file(str(folder / "tokenizer.json")).encode_batch(sorted(captions)) for i in e.ids}
+    return used, used - kept
+
+
 def pack(target: Path, num_samples: int, paraphrase: float, test_prompts: int) -> None:
     from safetensors.torch import load_file, save_file
     from tokenizers import Tokenizer
