@@ -44,7 +44,7 @@ def serve_command(
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without an API key."),
     cors_origin: Optional[List[str]] = typer.Option(None, "--cors-origin", help="Allow browser calls from this origin (repeatable; default: CORS off)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (a GPU where one is visible)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical | error | warning | info | debug."),
 ) -> None:
     api_key = None
