@@ -276,6 +276,22 @@ def test_late_dense_computes_whole_steps_sparse_early_dense_late():
     assert schedule.compute[10:].mean() > schedule.compute[:10].mean()
 
 
+def test_schedule_edits_switch_whole_components_at_the_given_steps():
+    base = C.Fora(3).schedule(8, 4).with_guidance([1, 0, 1, 0, 1, 0, 1, 0])
+    edited = base.edited("+attn1:1-2/5&-attn2:3&+guidance:1")
+    attn1, attn2, ff = (edited.compute[:, :, i] for i in range(3))
+    assert attn1[[0, 1, 2, 3, 5, 6]].all() and not attn1[[4, 7]].any()  # fora:3 computes 0, 3, 6; +1, 2, 5
+    assert attn2[[0, 6]].all() and not attn2[[1, 2, 3, 4, 5, 7]].any()  # step 3's cross-attention now reused
+    assert np.array_equal(ff, base.compute[:, :, 2])  # untouched component
+    assert edited.guidance.tolist() == [1, 1, 1, 0, 1, 0, 1, 0]
+    assert edited.name == "fora:3+attn1:1-2/5&-attn2:3&+guidance:1" and base.edited("-ff:1", name="x").name == "x"
+    assert base.edited("+attn1:0-7&+attn2:0-7&+ff:0-7&+guidance:0-7") == C.CacheSchedule.all_compute(8, 4)
+    for bad, message in [("attn1:1", "expected"), ("+mlp:1", "expected"), ("+ff:", "expected"), ("+ff:1-x", "steps are"),
+                         ("+ff:8", "0..7"), ("-ff:0", "reuses something at step 0"), ("-guidance:0", "step 0")]:
+        with pytest.raises(PixforgeError, match=message):
+            base.edited(bad)
+
+
 # --------------------------------------------------------------------------- CFG-cache
 def test_cfg_cache_specs_and_schedules(tmp_path):
     assert C.parse_cache_spec("cfg-cache:3") == C.CfgCache(3)

@@ -151,6 +151,34 @@ class CacheSchedule:
         return CacheSchedule(self.compute, name=self.name if name is None else name, block_reuse=self.block_reuse,
                              guidance=self.guidance, calibration_rank=rank)
 
+    def edited(self, edits: str, name: str | None = None) -> "CacheSchedule":
+        """This schedule with whole components switched on or off at some steps, in every block:
+        `+attn1:7-10/12` computes self-attention at steps 7..10 and 12, `-attn2:13/17` reuses
+        cross-attention there, `+guidance:3` runs the unconditional branch at step 3; edits
+        joined by `&` apply left to right. For targeted changes after an ablation shows which
+        reuse costs accuracy (benchmarks/cache_ablate.py)."""
+        compute, guidance = self.compute.copy(), self.guidance_mask.copy()
+        for edit in (e.strip() for e in edits.split("&")):
+            sign, what, steps = edit[:1], *edit[1:].partition(":")[::2]
+            if sign not in ("+", "-") or what not in (*COMPONENTS, "guidance") or not steps:
+                raise PixforgeError(f"schedule edit {edit!r}: expected +COMPONENT:STEPS or -COMPONENT:STEPS with "
+                                    f"COMPONENT one of {', '.join(COMPONENTS)}, guidance (e.g. +attn1:7-10/12)")
+            chosen = []
+            for part in steps.split("/"):
+                lo, _, hi = part.partition("-")
+                try:
+                    chosen += range(int(lo), int(hi or lo) + 1)
+                except ValueError:
+                    raise PixforgeError(f"schedule edit {edit!r}: steps are N, N-M or N/M/..., got {part!r}") from None
+            if not chosen or min(chosen) < 0 or max(chosen) >= self.steps:
+                raise PixforgeError(f"schedule edit {edit!r}: steps must lie in 0..{self.steps - 1}")
+            if what == "guidance":
+                guidance[chosen] = sign == "+"
+            else:
+                compute[chosen, :, COMPONENTS.index(what)] = sign == "+"
+        return CacheSchedule(compute, name=name or f"{self.name}{edits}",
+                             block_reuse=self.block_reuse, guidance=guidance, calibration_rank=self.calibration_rank)
+
     def start(self, steps: int, blocks: int) -> "CacheRun":
         if (steps, blocks) != (self.steps, self.blocks):
             raise PixforgeError(
