@@ -6,7 +6,8 @@
 Policies: no cache, FORA 2/3, Δ-DiT, ToCa, TeaCache at several thresholds, first-block,
 late-dense, CFG-cache alone and with other policies, up to 3 ECAD Pareto points per
 front (--ecad), and no cache at fewer solver steps (--fewer-steps: the same saving without
-a cache). MACs come from the run's own accounting (exact,
+a cache). `SPEC@N` runs a policy with N solver steps (`fora:4@30`: more, finer steps, each
+reused more): its MACs ratio is still against no cache at --steps. MACs come from the run's own accounting (exact,
 checked against torch's FLOP counter in tests) plus the per-step and text overheads;
 wall time is the median of --repeats interleaved runs of one generation (1 image, the
 same seed, every policy in turn, so machine noise hits all alike); accuracy is the shapes
@@ -48,12 +49,15 @@ def generation_macs(pipe, result, batch: int) -> tuple[float, float]:
     return run.macs_spent + overhead * steps_run + text, run.macs_full + overhead * run.steps + text
 
 
-def baseline_verdicts(path: str, prompts: int, steps: int) -> list[int]:
-    """The no-cache pass/fail verdicts of an earlier run of this script on the same prompts."""
+def baseline_verdicts(path: str, prompts: int, steps: int, split: str, first_prompt: int) -> list[int]:
+    """The no-cache pass/fail verdicts of an earlier run of this script (or of cache_ablate.py)
+    on the same prompts."""
     data = json.loads(Path(path).read_text())
-    none = next((r for r in data.get("rows", []) if r["policy"] == "none"), None)
-    if none is None or data.get("steps") != steps or none.get("n") != prompts:
-        raise SystemExit(f"--baseline-from {path}: needs a 'none' row scored on {prompts} prompts at {steps} steps")
+    none = next((r for r in data.get("rows", []) if r.get("policy", r.get("variant")) == "none"), None)
+    same = (data.get("steps"), data.get("split", "test"), data.get("first_prompt", 0)) == (steps, split, first_prompt)
+    if none is None or not same or len(none["passed"]) != prompts:
+        raise SystemExit(f"--baseline-from {path}: needs a 'none' row scored on {split} prompts "
+                         f"{first_prompt}..{first_prompt + prompts - 1} at {steps} steps")
     return [int(c) for c in none["passed"]]
 
 
@@ -73,6 +77,9 @@ def main() -> None:
     parser.add_argument("--fewer-steps", default="",
                         help="e.g. 10,8: also no cache at these step counts (the baseline every cache must beat: "
                              "the same MACs saved by sampling with fewer solver steps)")
+    parser.add_argument("--split", default="test", choices=["test", "validation"],
+                        help="test (the report) or validation (for choosing among variants without touching test)")
+    parser.add_argument("--first-prompt", type=int, default=0)
     parser.add_argument("--baseline-from", default=None,
                         help="an earlier output of this script with a 'none' row on the same --prompts and --steps: "
                              "reuse its no-cache verdicts instead of scoring no cache again")
@@ -81,12 +88,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    stored_none = baseline_verdicts(args.baseline_from, args.prompts, args.steps) if args.baseline_from else None
+    stored_none = (baseline_verdicts(args.baseline_from, args.prompts, args.steps, args.split, args.first_prompt)
+                   if args.baseline_from else None)
     pipe = load_pipeline(args.model)
     blocks = pipe.transformer.config.num_layers
     policies: dict[str, object] = {}
+    steps_of = {}
     for spec in args.policies.split(";"):
-        policies[spec] = parse_cache_spec(spec, pipe.teacache_coefficients)
+        policy_spec, at, n = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        if at and not n.isdigit():
+            raise SystemExit(f"policy {spec!r}: SPEC@N takes a step count N")
+        policies[spec] = parse_cache_spec(policy_spec, pipe.teacache_coefficients)
+        steps_of[spec] = int(n) if at else args.steps
     for pareto in args.ecad:
         front = json.loads(Path(pareto).read_text())["front"]
         if args.ecad_speedups:  # the best-quality point at or above each MACs speed-up
@@ -103,12 +116,12 @@ def main() -> None:
             point = front[i]
             policies[f"{label} x{point['speedup_macs']:.2f}"] = CacheSchedule.from_dict(point["schedule"])
 
-    steps_of = {name: args.steps for name in policies}
+    steps_of = {name: steps_of.get(name, args.steps) for name in policies}
     for n in (int(x) for x in args.fewer_steps.split(",") if x.strip()):
         policies[f"no cache, {n} steps"], steps_of[f"no cache, {n} steps"] = None, n
     guided = pipe.guidance_scale > 1
     batch = 2 if guided else 1
-    items = shapes_items(args.prompts, "test")
+    items = shapes_items(args.first_prompt + args.prompts, args.split)[args.first_prompt:]
 
     def one(policy, steps):
         return lambda: pipe(items[0].caption, num_inference_steps=steps, seed=0, progress=False, cache=policy)
@@ -126,8 +139,13 @@ def main() -> None:
         start = time.time()
         if name == "none" and stored_none is not None:
             passes = stored_none
-        else:
-            passes = checker_passes(pipe, items, steps, policy, args.batch)
+        else:  # the MACs these runs spent: what an adaptive policy decides depends on the batch
+            def tally(out, policy=policy, spent=spent):
+                images = len(out.images)
+                eval_macs[0] += spent * images if policy is None else generation_macs(pipe, out, batch * images)[0]
+                eval_macs[1] += base_full * images
+            eval_macs = [0.0, 0.0]
+            passes = checker_passes(pipe, items, steps, policy, args.batch, on_result=tally)
         per_prompt[name] = np.array(passes)
         rows.append({
             "policy": name, "steps": steps, "macs_ratio": base_full / spent,
@@ -135,15 +153,20 @@ def main() -> None:
             "wall_s": median_range(walls[name]), "accuracy": float(np.mean(passes)), "n": len(items),
             "eval_seconds": round(time.time() - start, 1), "passed": "".join(map(str, passes)),
         })
+        if name != "none" or stored_none is None:  # MACs ratio over the accuracy runs themselves
+            rows[-1]["macs_ratio_accuracy_runs"] = eval_macs[1] / eval_macs[0]
         r = rows[-1]
         if "none" in per_prompt:  # paired with no cache on the same prompts and seeds
             d = per_prompt[name] - per_prompt["none"]
             r["delta"], r["delta_se"] = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
         delta = f"  Δ {100 * r['delta']:+5.1f} ± {100 * r['delta_se']:.1f}" if "delta" in r else ""
+        if abs(r.get("macs_ratio_accuracy_runs", r["macs_ratio"]) / r["macs_ratio"] - 1) > 0.005:  # adaptive
+            delta += f"  (MACs x{r['macs_ratio_accuracy_runs']:.2f} over the accuracy runs)"
         print(f"{name:<38} MACs x{r['macs_ratio']:5.2f}  wall x{r['wall_ratio']:5.2f} ({r['wall_s']} s)  "
               f"accuracy {100 * r['accuracy']:5.1f}%{delta}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "repeats": args.repeats, "blocks": blocks,
+    Path(args.out).write_text(json.dumps({"steps": args.steps, "split": args.split, "first_prompt": args.first_prompt,
+                                          "repeats": args.repeats, "blocks": blocks,
                                           "rows": rows}, indent=1))
     if args.plot:
         import matplotlib

@@ -114,7 +114,7 @@ def main() -> None:
         print(f"{name:<9} MACs x{speedup:4.2f}  accuracy {100 * row['accuracy']:5.1f}%  "
               f"Δ {100 * row['delta']:+5.1f} ± {100 * row['delta_se']:.1f}  ({row['seconds']:.0f} s)  {flips}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"schedule": args.schedule, "speedup": args.speedup,
+        Path(args.out).write_text(json.dumps({"schedule": args.schedule, "speedup": args.speedup, "split": "validation", "steps": 20,
                                               "first_prompt": args.first_prompt, "prompts": args.prompts,
                                               "rows": rows}, indent=1))
 

@@ -25,6 +25,9 @@ def test_checker_passes_chunks_seeds_and_verdicts():
     passes = checker_passes(pipe, items, steps=20, cache="fora:2", batch=3)
     assert passes == [1, 1, 1, 1, 0, 1, 1]
     assert pipe.calls == [(3, 0, 20, "fora:2"), (3, 3, 20, "fora:2"), (1, 6, 20, "fora:2")]
+    seen = []
+    assert checker_passes(pipe, items, steps=20, batch=3, on_result=lambda out: seen.append(len(out.images))) == passes
+    assert seen == [3, 3, 1]  # every chunk's result, in order
 
 
 def test_shapes_items_paraphrase_every_third_caption_of_the_split():

@@ -40,10 +40,11 @@ def shapes_items(n: int, split: str = "validation") -> list:
     return [sample(i, split, paraphrased if i % 3 == 2 else plain) for i in range(n)]
 
 
-def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25) -> list[int]:
+def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25, on_result=None) -> list[int]:
     """The shapes checker's verdict (1 pass, 0 fail) on one generation per item (`items`:
     shapes-world samples), in chunks of `batch` prompts seeded with the index of their first
-    item, so every policy or schedule compared sees the same prompts and seeds."""
+    item, so every policy or schedule compared sees the same prompts and seeds. `on_result`,
+    if given, sees each chunk's pipeline result (e.g. to count the MACs an adaptive cache spent)."""
     from pixforge.eval.shapes import check
 
     passes = []
@@ -51,5 +52,7 @@ def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25) -> list
         chunk = items[first:first + batch]
         out = pipe([item.caption for item in chunk], num_inference_steps=steps, seed=first, progress=False,
                    cache=cache)
+        if on_result is not None:
+            on_result(out)
         passes += [int(check(image, item.caption).passed) for image, item in zip(out.images, chunk)]
     return passes
