@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pixforge.accel.cache import COMPONENTS, CacheSchedule, schedule_macs
+from pixforge.eval.bench import checker_passes, shapes_items
 from pixforge.sampling.pipeline import load_pipeline
 
 VARIANTS = ("base", "attn1", "attn2", "ff", "guidance")
@@ -69,14 +70,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/cache_ablate.json")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    from pixforge.eval.shapes import check
-    from pixforge.shapes.world import WorldConfig, sample
-
     pipe = load_pipeline()
     schedule = load_schedule(args.schedule, args.speedup)
-    plain, paraphrased = WorldConfig(), WorldConfig(paraphrase=True)
-    indices = range(args.first_prompt, args.first_prompt + args.prompts)
-    items = [sample(i, "validation", paraphrased if i % 3 == 2 else plain) for i in indices]
+    items = shapes_items(args.first_prompt + args.prompts, "validation")[args.first_prompt:]
     categories = [item.scene.category for item in items]
     text_len = pipe.max_sequence_length
     batch = 2 if pipe.guidance_scale > 1 else 1
@@ -94,11 +90,8 @@ def main() -> None:
     for name in names:
         policy = variant(schedule, name)
         speedup = 1.0 if policy is None else schedule_macs(pipe.transformer, policy, 128, 128, text_len, batch)["ratio"]
-        start, verdicts = time.time(), []
-        for first in range(0, len(items), args.batch):
-            chunk = items[first:first + args.batch]
-            out = pipe([item.caption for item in chunk], seed=first, progress=False, cache=policy)
-            verdicts += [int(check(image, item.caption).passed) for image, item in zip(out.images, chunk)]
+        start = time.time()
+        verdicts = checker_passes(pipe, items, schedule.steps, policy, args.batch)
         passed[name] = np.array(verdicts)
         d = passed[name] - passed["none"]
         per = collections.defaultdict(lambda: [0, 0])
