@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--ecad", action="append", default=[],
                         help="pareto.json of `pixforge search-cache` (repeatable); 3 points of each are benchmarked")
     parser.add_argument("--ecad-speedups", default=None,
-                        help="e.g. 1.5,2,2.5: benchmark the best-quality front point at or above each MACs speed-up "
+                        help="e.g. 1.5,2,2.5: benchmark the best-quality front point at or above each MACs speed-up (as printed, 2 decimals) "
                              "(default: the front's first, middle and last point)")
     parser.add_argument("--policies", default=";".join(["none", *HAND_MADE]), help="';'-separated cache specs")
     parser.add_argument("--batch", type=int, default=25, help="images per accuracy generation call")
@@ -105,7 +105,7 @@ def main() -> None:
         if args.ecad_speedups:  # the best-quality point at or above each MACs speed-up
             picks = []
             for floor in (float(x) for x in args.ecad_speedups.split(",")):
-                above = [i for i, p in enumerate(front) if p["speedup_macs"] >= floor]
+                above = [i for i, p in enumerate(front) if round(p["speedup_macs"], 2) >= floor]  # as printed
                 if above:
                     picks.append(max(above, key=lambda i: (front[i]["quality"], -front[i]["macs_ratio"])))
             picks = sorted(set(picks))
