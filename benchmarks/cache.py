@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--ecad", action="append", default=[],
                         help="pareto.json of `pixforge search-cache` (repeatable); 3 points of each are benchmarked")
     parser.add_argument("--ecad-speedups", default=None,
-                        help="e.g. 1.5,2,2.5: benchmark the best-quality front point at or above each MACs speed-up (as printed, 2 decimals) "
+                        help="e.g. 1.5,2,2.5: benchmark the best-quality front point at or above each MACs speed-up "
+                             "(as printed, 2 decimals) "
                              "(default: the front's first, middle and last point)")
     parser.add_argument("--policies", default=";".join(["none", *HAND_MADE]), help="';'-separated cache specs")
     parser.add_argument("--batch", type=int, default=25, help="images per accuracy generation call")
