@@ -30,7 +30,7 @@ import torch
 
 from pixforge.accel import cache as C
 from pixforge.accel.cache import CacheSchedule, batch_shares, parse_cache_spec, step_overhead_macs, text_macs
-from pixforge.eval.bench import checker_passes, interleaved, median_range, shapes_items
+from pixforge.eval.bench import checker_passes, interleaved, median_range, shapes_items, stored_no_cache_verdicts
 from pixforge.sampling.pipeline import load_pipeline
 
 HAND_MADE = ["fora:2", "fora:3", "delta-dit:interval=2,boundary=0.5", "toca:interval=3,ratio=0.3",
@@ -47,18 +47,6 @@ def generation_macs(pipe, result, batch: int) -> tuple[float, float]:
     # CFG-cache steps run the conditional half of the batch only
     steps_run = run.steps if run.guidance is None or batch == 1 else float(batch_shares(run.guidance).sum())
     return run.macs_spent + overhead * steps_run + text, run.macs_full + overhead * run.steps + text
-
-
-def baseline_verdicts(path: str, prompts: int, steps: int, split: str, first_prompt: int) -> list[int]:
-    """The no-cache pass/fail verdicts of an earlier run of this script (or of cache_ablate.py)
-    on the same prompts."""
-    data = json.loads(Path(path).read_text())
-    none = next((r for r in data.get("rows", []) if r.get("policy", r.get("variant")) == "none"), None)
-    same = (data.get("steps"), data.get("split", "test"), data.get("first_prompt", 0)) == (steps, split, first_prompt)
-    if none is None or not same or len(none["passed"]) != prompts:
-        raise SystemExit(f"--baseline-from {path}: needs a 'none' row scored on {split} prompts "
-                         f"{first_prompt}..{first_prompt + prompts - 1} at {steps} steps")
-    return [int(c) for c in none["passed"]]
 
 
 def main() -> None:
@@ -89,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    stored_none = (baseline_verdicts(args.baseline_from, args.prompts, args.steps, args.split, args.first_prompt)
+    stored_none = (stored_no_cache_verdicts(args.baseline_from, args.prompts, args.steps, args.split, args.first_prompt)
                    if args.baseline_from else None)
     pipe = load_pipeline(args.model)
     blocks = pipe.transformer.config.num_layers
@@ -141,11 +129,12 @@ def main() -> None:
         if name == "none" and stored_none is not None:
             passes = stored_none
         else:  # the MACs these runs spent: what an adaptive policy decides depends on the batch
+            eval_macs = [0.0, 0.0]  # spent, no cache at --steps
+
             def tally(out, policy=policy, spent=spent):
                 images = len(out.images)
                 eval_macs[0] += spent * images if policy is None else generation_macs(pipe, out, batch * images)[0]
                 eval_macs[1] += base_full * images
-            eval_macs = [0.0, 0.0]
             passes = checker_passes(pipe, items, steps, policy, args.batch, on_result=tally)
         per_prompt[name] = np.array(passes)
         rows.append({

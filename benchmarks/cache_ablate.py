@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pixforge.accel.cache import COMPONENTS, CacheSchedule, schedule_macs
-from pixforge.eval.bench import checker_passes, shapes_items
+from pixforge.eval.bench import checker_passes, shapes_items, stored_no_cache_verdicts
 from pixforge.sampling.pipeline import load_pipeline
 
 VARIANTS = ("base", "attn1", "attn2", "ff", "guidance")
@@ -77,21 +77,19 @@ def main() -> None:
     text_len = pipe.max_sequence_length
     batch = 2 if pipe.guidance_scale > 1 else 1
 
-    rows, passed = [], {}
-    names = ["none", *[v for v in args.variants.split(",") if v and v != "none"]]
+    stored_none = None
     if args.baseline:
-        earlier = json.loads(Path(args.baseline).read_text())
-        if (earlier["first_prompt"], earlier["prompts"]) != (args.first_prompt, args.prompts):
-            raise SystemExit(f"--baseline {args.baseline} scored other prompts")
-        none = next(r for r in earlier["rows"] if r["variant"] == "none")
-        passed["none"] = np.array([int(c) for c in none["passed"]])
-        rows.append(none)
-        names = names[1:]
-    for name in names:
+        stored_none = stored_no_cache_verdicts(args.baseline, args.prompts, schedule.steps, "validation",
+                                               args.first_prompt)
+    rows, passed = [], {}
+    for name in ["none", *[v for v in args.variants.split(",") if v and v != "none"]]:
         policy = variant(schedule, name)
         speedup = 1.0 if policy is None else schedule_macs(pipe.transformer, policy, 128, 128, text_len, batch)["ratio"]
         start = time.time()
-        verdicts = checker_passes(pipe, items, schedule.steps, policy, args.batch)
+        if name == "none" and stored_none is not None:
+            verdicts = stored_none
+        else:
+            verdicts = checker_passes(pipe, items, schedule.steps, policy, args.batch)
         passed[name] = np.array(verdicts)
         d = passed[name] - passed["none"]
         per = collections.defaultdict(lambda: [0, 0])
@@ -105,9 +103,11 @@ def main() -> None:
         rows.append(row)
         flips = "  ".join(f"{c} -{lo}+{g}" for c, (lo, g) in row["lost_gained"].items() if lo or g)
         print(f"{name:<9} MACs x{speedup:4.2f}  accuracy {100 * row['accuracy']:5.1f}%  "
-              f"Δ {100 * row['delta']:+5.1f} ± {100 * row['delta_se']:.1f}  ({row['seconds']:.0f} s)  {flips}", flush=True)
+              f"Δ {100 * row['delta']:+5.1f} ± {100 * row['delta_se']:.1f}  ({row['seconds']:.0f} s)  {flips}",
+              flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"schedule": args.schedule, "speedup": args.speedup, "split": "validation", "steps": 20,
+        Path(args.out).write_text(json.dumps({"schedule": args.schedule, "speedup": args.speedup,
+                                              "split": "validation", "steps": schedule.steps,
                                               "first_prompt": args.first_prompt, "prompts": args.prompts,
                                               "rows": rows}, indent=1))
 

@@ -38,3 +38,22 @@ def test_shapes_items_paraphrase_every_third_caption_of_the_split():
     assert [item.split for item in items] == ["test"] * 6
     assert [item.caption for item in items] == [
         sample(i, "test", WorldConfig(paraphrase=i % 3 == 2)).caption for i in range(6)]
+
+
+def test_stored_no_cache_verdicts_only_for_the_same_prompts(tmp_path):
+    import json
+
+    import pytest
+
+    from pixforge.eval.bench import stored_no_cache_verdicts
+
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({"steps": 20, "split": "validation", "first_prompt": 30,
+                                "rows": [{"policy": "fora:2", "passed": "000"}, {"policy": "none", "passed": "101"}]}))
+    assert stored_no_cache_verdicts(path, 3, 20, "validation", 30) == [1, 0, 1]
+    for other in [(4, 20, "validation", 30), (3, 10, "validation", 30), (3, 20, "test", 30), (3, 20, "validation", 0)]:
+        with pytest.raises(SystemExit, match="needs a 'none' row scored on"):
+            stored_no_cache_verdicts(path, *other)
+    ablation = tmp_path / "ablate.json"  # cache_ablate.py names its rows "variant"; old cache.py files: test from 0
+    ablation.write_text(json.dumps({"steps": 20, "rows": [{"variant": "none", "passed": "01"}]}))
+    assert stored_no_cache_verdicts(ablation, 2, 20, "test", 0) == [0, 1]
