@@ -31,6 +31,7 @@ import torch
 from pixforge.accel import cache as C
 from pixforge.accel.cache import CacheSchedule, batch_shares, parse_cache_spec, step_overhead_macs, text_macs
 from pixforge.eval.bench import checker_passes, interleaved, median_range, shapes_items, stored_no_cache_verdicts
+from pixforge.eval.shapes import CheckPool, default_check_workers
 from pixforge.sampling.pipeline import load_pipeline
 
 HAND_MADE = ["fora:2", "fora:3", "delta-dit:interval=2,boundary=0.5", "toca:interval=3,ratio=0.3",
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--baseline-from", default=None,
                         help="an earlier output of this script with a 'none' row on the same --prompts and --steps: "
                              "reuse its no-cache verdicts instead of scoring no cache again")
+    parser.add_argument("--device", default="cpu",
+                        help="where to generate (cpu | cuda | auto); on a GPU the checker runs in worker processes "
+                             "and the wall column times that GPU")
     parser.add_argument("--out", default="benchmarks/results/cache.json")
     parser.add_argument("--plot", default="docs/img/cache.png")
     args = parser.parse_args()
@@ -79,7 +83,8 @@ def main() -> None:
 
     stored_none = (stored_no_cache_verdicts(args.baseline_from, args.prompts, args.steps, args.split, args.first_prompt)
                    if args.baseline_from else None)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=args.device)
+    checker = CheckPool(0 if pipe.device.type == "cpu" else default_check_workers())
     blocks = pipe.transformer.config.num_layers
     policies: dict[str, object] = {}
     steps_of = {}
@@ -115,7 +120,8 @@ def main() -> None:
     def one(policy, steps):
         return lambda: pipe(items[0].caption, num_inference_steps=steps, seed=0, progress=False, cache=policy)
 
-    print(f"model {args.model or 'embedded default'}; {args.steps} steps; wall: median of {args.repeats}")
+    print(f"model {args.model or 'embedded default'} on {pipe.device}; {args.steps} steps; "
+          f"wall: median of {args.repeats}")
     walls = interleaved({name: one(policy, steps_of[name]) for name, policy in policies.items()}, args.repeats)
     rows, per_prompt = [], {}
     base_wall = float(np.median(walls["none"]))
@@ -135,7 +141,7 @@ def main() -> None:
                 images = len(out.images)
                 eval_macs[0] += spent * images if policy is None else generation_macs(pipe, out, batch * images)[0]
                 eval_macs[1] += base_full * images
-            passes = checker_passes(pipe, items, steps, policy, args.batch, on_result=tally)
+            passes = checker_passes(pipe, items, steps, policy, args.batch, on_result=tally, checker=checker)
         per_prompt[name] = np.array(passes)
         rows.append({
             "policy": name, "steps": steps, "macs_ratio": base_full / spent,
@@ -157,6 +163,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "split": args.split, "first_prompt": args.first_prompt,
                                           "repeats": args.repeats, "blocks": blocks,
+                                          "device": pipe.device.type,
                                           "rows": rows}, indent=1))
     if args.plot:
         import matplotlib

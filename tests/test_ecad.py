@@ -162,6 +162,17 @@ def test_a_resumed_search_continues_from_its_last_generation_without_reevaluatin
     assert [p["quality"] for p in again.front()] == [p["quality"] for p in straight.front()]
 
 
+def test_a_search_stops_at_its_deadline_and_resumes_past_it(tmp_path):
+    import time
+
+    fronts = []
+    s = search(tmp_path)
+    s.run(5, progress=lambda record: fronts.append(len(s.front())), deadline=time.time() - 1)
+    assert s.history == [] and fronts == []  # past the deadline: no generation starts
+    s.run(5, progress=lambda record: fronts.append(len(s.front())), deadline=time.time() + 3600)
+    assert [r["generation"] for r in s.history] == [1, 2, 3, 4, 5] and all(fronts)
+
+
 def test_a_search_with_other_settings_refuses_the_folder(tmp_path):
     search(tmp_path).run(1)
     with pytest.raises(PixforgeError, match="population"):
@@ -192,6 +203,10 @@ def test_search_cache_cli_on_a_tiny_pipeline(tmp_path, model_dir):
     assert resumed.exit_code == 0, resumed.output
     assert "gen   2" in resumed.output and "gen   1" not in resumed.output
     assert "device" not in json.loads((out / "pareto.json").read_text())["identity"]  # CPU keeps its identity
+    timed = invoke([*args(4), "--time-budget-minutes", "0.0001"])  # spent during generation 3: stops after it
+    assert timed.exit_code == 0, timed.output
+    assert "gen   3" in timed.output and "gen   4" not in timed.output
+    assert invoke([*args(4), "--time-budget-minutes", "-1"]).exception is not None
     if not torch.cuda.is_available():
         for command in (args(3), ["rescore-cache", str(out), "--model", str(model_dir), "--steps", "3"]):
             refused = invoke([*command, "--device", "cuda"])

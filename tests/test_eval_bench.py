@@ -30,6 +30,34 @@ def test_checker_passes_chunks_seeds_and_verdicts():
     assert seen == [3, 3, 1]  # every chunk's result, in order
 
 
+def test_a_check_pool_gives_the_checkers_verdicts_in_order():
+    """Worker processes (as beside a GPU) and in-process checking agree, verdict for verdict,
+    also through checker_passes; a mismatched batch is refused."""
+    import pytest
+
+    from pixforge.errors import PixforgeError
+    from pixforge.eval.shapes import CheckPool, check
+
+    items = [sample(i, "test", WorldConfig()) for i in range(9)]
+    images = [item.image for item in items]
+    images[2] = images[2].point(lambda v: 128)  # fails
+    images[7] = images[1]  # another prompt's render: fails
+    captions = [item.caption for item in items]
+    expected = [check(image, caption).passed for image, caption in zip(images, captions)]
+    assert expected.count(False) == 2
+    pool = CheckPool(workers=2, chunk=2)
+    try:
+        first, second = pool.submit(images, captions), pool.submit(images[:3], captions[:3])
+        assert second() == expected[:3] and first() == expected
+        assert CheckPool(0).submit(images, captions)() == expected
+        with pytest.raises(PixforgeError, match="9 images but 8 captions"):
+            pool.submit(images, captions[:8])
+        pipe = RenderingPipe(items, blank={items[4].caption})
+        assert checker_passes(pipe, items, steps=20, batch=4, checker=pool) == [1, 1, 1, 1, 0, 1, 1, 1, 1]
+    finally:
+        pool.close()
+
+
 def test_shapes_items_paraphrase_every_third_caption_of_the_split():
     from pixforge.eval.bench import shapes_items
     from pixforge.shapes.world import WorldConfig, sample

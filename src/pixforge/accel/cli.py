@@ -34,6 +34,10 @@ def search_cache_command(
     model: str = typer.Option(None, "--model", help="Model folder (default: the embedded model)."),
     out: str = typer.Option("runs/ecad", "--out", help="Search folder: state (resumable), pareto.json, front/, plot."),
     generations: int = typer.Option(20, "--generations", help="Total generations (re-run with more to continue)."),
+    time_budget: float = typer.Option(
+        0.0, "--time-budget-minutes",
+        help="Start no new generation after this many minutes (0: no limit); the front is written after every "
+             "generation either way, so a cut-off run leaves a usable one."),
     population: int = typer.Option(72, "--population", help="NSGA-II population (ECAD: 72)."),
     prompts: int = typer.Option(32, "--prompts", help="Calibration prompts (shapes-world validation split)."),
     steps: int = typer.Option(20, "--steps", help="Sampling steps the schedules are for."),
@@ -81,6 +85,8 @@ def search_cache_command(
       pixforge generate "two red circles" --cache runs/ecad/front/03-q0.938-x2.61.json
     """
 
+    import time
+
     from pixforge.accel.cache import DeltaDiT, Fora
     from pixforge.accel.ecad import (AGREEMENT_CAP_DB, ScheduleSearch, SearchConfig, agreement_quality, front_schedules,
                                       plot_front, shapes_quality)
@@ -88,6 +94,8 @@ def search_cache_command(
 
     if quality_kind not in ("accuracy", "agreement"):
         raise PixforgeError(f"--quality {quality_kind!r}: choose accuracy or agreement")
+    if time_budget < 0:
+        raise PixforgeError(f"--time-budget-minutes {time_budget} must be >= 0")
     seeds = [schedule for path in seed_from or [] for schedule in front_schedules(path)]
 
     pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg, device)
@@ -115,8 +123,10 @@ def search_cache_command(
             best = ", ".join(f"{AGREEMENT_CAP_DB * q:.1f}dB@{r:.2f}" for q, r in record["front"][:6])
         typer.echo(f"gen {record['generation']:3d}: {record['new']:3d} new evaluations "
                    f"({record['seconds']:.0f} s); front ({quality_kind}@MACs): {best}")
+        search.write_front(search.front())
 
-    front = search.run(generations, progress=report)
+    deadline = time.time() + 60 * time_budget if time_budget else None
+    front = search.run(generations, progress=report, deadline=deadline)
     path = search.write_front(front)
     baselines = {}
     for name, schedule in [("no cache", None), ("fora:2", Fora(2).schedule(steps, blocks)),

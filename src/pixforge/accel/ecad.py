@@ -387,13 +387,17 @@ class ScheduleSearch:
         return sum(quality is not None for quality, _ in self.cache.values())
 
     # --- the loop ------------------------------------------------------------------------------------
-    def run(self, generations: int, progress: Callable[[dict], None] | None = None) -> list[dict]:
-        """Run (or continue) until `generations` generations are done; return the Pareto front."""
+    def run(self, generations: int, progress: Callable[[dict], None] | None = None,
+            deadline: float | None = None) -> list[dict]:
+        """Run (or continue) until `generations` generations are done, or until the first
+        generation that ends after `deadline` (a time.time() value); return the Pareto front.
+        `progress` sees each generation's record once it is saved (self.front() is then its front)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         algorithm, done = self._resume(self._algorithm)
         if algorithm is None:
             algorithm = self._algorithm(self.initial_population())
-        while done < generations:
+        self.algorithm = algorithm
+        while done < generations and (deadline is None or time.time() < deadline):
             start = time.time()
             pop = algorithm.ask()
             evaluated_before = self.evaluations
@@ -408,13 +412,14 @@ class ScheduleSearch:
             self._save(algorithm, done)
             if progress is not None:
                 progress(record)
-        self.algorithm = algorithm
         return self.front(algorithm)
 
     def front(self, algorithm=None) -> list[dict]:
         """Non-dominated feasible points of the current population, cheapest first."""
         algorithm = algorithm or self.algorithm
         pop = algorithm.pop
+        if pop is None:  # no generation run yet (a deadline already past)
+            return []
         points = {}  # genome key -> point; an infeasible point still dominates the points it beats
         for x, f, g in zip(pop.get("X").astype(bool), pop.get("F"), pop.get("G")):
             key = genome_key(x)
@@ -512,7 +517,12 @@ def plot_front(front: list[dict], baselines: dict[str, tuple[float, float]], pat
     return path
 
 
-QUALITY_CHUNK = 64  # prompts per pipeline call in the quality functions
+QUALITY_CHUNK = 64  # prompts per pipeline call in the quality functions, on a CPU
+GPU_QUALITY_CHUNK = 1024  # ... on a GPU, where a call's cost is mostly per-step host work
+
+
+def quality_chunk(pipe) -> int:
+    return QUALITY_CHUNK if pipe.device.type == "cpu" else GPU_QUALITY_CHUNK
 
 
 def generate_chunked(pipe, prompts: Sequence[str], seed: int, chunk: int = QUALITY_CHUNK, **kwargs) -> list:
@@ -528,21 +538,27 @@ def generate_chunked(pipe, prompts: Sequence[str], seed: int, chunk: int = QUALI
 
 
 def shapes_quality(pipe, n_prompts: int = 32, split: str = "validation", steps: int = 20, cfg: float | None = None,
-                   height: int | None = None, width: int | None = None, seed: int = 0):
+                   height: int | None = None, width: int | None = None, seed: int = 0,
+                   check_workers: int | None = None):
     """A quality function: compositional accuracy of the shapes checker on `n_prompts` prompts
-    of a split (validation = calibration; the benchmark scores on the test split)."""
-    from pixforge.eval.shapes import check
+    of a split (validation = calibration; the benchmark scores on the test split). On a GPU the
+    checker runs in `check_workers` processes (default: the cores but two) while the next
+    schedule generates; on a CPU in this process (generation already uses the cores)."""
+    from pixforge.eval.shapes import CheckPool, default_check_workers
     from pixforge.shapes.world import WorldConfig, sample
 
     items = [sample(seed + i, split, WorldConfig()) for i in range(n_prompts)]
+    captions = [item.caption for item in items]
+    if check_workers is None:
+        check_workers = 0 if pipe.device.type == "cpu" else default_check_workers()
+    checker = CheckPool(check_workers)
 
     def evaluate(schedules: Sequence[CacheSchedule]) -> list[float]:
-        scores = []
-        for schedule in schedules:
-            images = generate_chunked(pipe, [item.caption for item in items], seed, num_inference_steps=steps,
-                                      guidance_scale=cfg, height=height, width=width, cache=schedule)
-            scores.append(sum(check(image, item.caption).passed for image, item in zip(images, items)) / len(items))
-        return scores
+        pending = [checker.submit(generate_chunked(pipe, captions, seed, quality_chunk(pipe), num_inference_steps=steps,
+                                                   guidance_scale=cfg, height=height, width=width, cache=schedule),
+                                  captions)
+                   for schedule in schedules]
+        return [sum(verdicts()) / len(items) for verdicts in pending]
 
     return evaluate
 
@@ -566,7 +582,7 @@ def agreement_quality(pipe, n_prompts: int = 32, split: str = "validation", step
 
     def images(schedule):
         return [np.asarray(image, dtype=np.float64) for image in generate_chunked(
-            pipe, prompts, seed, num_inference_steps=steps, guidance_scale=cfg, height=height, width=width,
+            pipe, prompts, seed, quality_chunk(pipe), num_inference_steps=steps, guidance_scale=cfg, height=height, width=width,
             cache=schedule)]
 
     reference = images(None)

@@ -56,19 +56,22 @@ def stored_no_cache_verdicts(path, prompts: int, steps: int, split: str, first_p
     return [int(c) for c in none["passed"]]
 
 
-def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25, on_result=None) -> list[int]:
+def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25, on_result=None,
+                   checker=None) -> list[int]:
     """The shapes checker's verdict (1 pass, 0 fail) on one generation per item (`items`:
     shapes-world samples), in chunks of `batch` prompts seeded with the index of their first
     item, so every policy or schedule compared sees the same prompts and seeds. `on_result`,
-    if given, sees each chunk's pipeline result (e.g. to count the MACs an adaptive cache spent)."""
-    from pixforge.eval.shapes import check
+    if given, sees each chunk's pipeline result (e.g. to count the MACs an adaptive cache spent).
+    `checker`: a CheckPool (checking in worker processes while the next chunk generates)."""
+    from pixforge.eval.shapes import CheckPool
 
-    passes = []
+    checker = checker or CheckPool(0)
+    pending = []
     for first in range(0, len(items), batch):
         chunk = items[first:first + batch]
         out = pipe([item.caption for item in chunk], num_inference_steps=steps, seed=first, progress=False,
                    cache=cache)
         if on_result is not None:
             on_result(out)
-        passes += [int(check(image, item.caption).passed) for image, item in zip(out.images, chunk)]
-    return passes
+        pending.append(checker.submit(out.images, [item.caption for item in chunk]))
+    return [int(verdict) for verdicts in pending for verdict in verdicts()]

@@ -8,6 +8,7 @@ check(): the found objects against a caption or a CaptionSpec, per ../../../docs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -295,3 +296,52 @@ def check(image, expected: str | CaptionSpec, config: CheckerConfig = CheckerCon
                 f"dy={a.center[1] - b.center[1]:+.1f} px"
             )
     return CheckResult(not reasons, "; ".join(reasons), found, background)
+
+
+def _passes(arrays: list, captions: list[str]) -> list[bool]:
+    return [check(array, caption).passed for array, caption in zip(arrays, captions)]
+
+
+def default_check_workers() -> int:
+    """Checker processes worth starting beside a GPU generating: the cores but two (none on a
+    machine of four cores or fewer, where generation already uses them)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 4 else min(cores - 2, 32)
+
+
+class CheckPool:
+    """The shapes checker over batches of images, in `workers` spawned processes (safe beside
+    CUDA), so checking one batch overlaps generating the next. With 0 workers it checks at once,
+    in this process. `submit` returns a function that gives the verdicts in order; they are
+    those of `check` either way (tested)."""
+
+    def __init__(self, workers: int = 0, chunk: int = 32):
+        self.workers, self.chunk = workers, chunk
+        self._pool = None
+
+    def submit(self, images, captions) -> Callable[[], list[bool]]:
+        captions = list(captions)
+        if len(captions) != len(images):
+            raise PixforgeError(f"{len(images)} images but {len(captions)} captions to check")
+        if not self.workers:
+            verdicts = [check(image, caption).passed for image, caption in zip(images, captions)]
+            return lambda: verdicts
+        if self._pool is None:
+            import multiprocessing
+            import weakref
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            weakref.finalize(self, self._pool.shutdown, cancel_futures=True)
+        arrays = [np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+                  for image in images]
+        futures = [self._pool.submit(_passes, arrays[i:i + self.chunk], captions[i:i + self.chunk])
+                   for i in range(0, len(arrays), self.chunk)]
+        return lambda: [verdict for future in futures for verdict in future.result()]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
