@@ -42,6 +42,22 @@ def test_the_default_model_generates_a_128_image(pipe):
     assert any(high - low > 50 for low, high in pixels)  # not a blank canvas
 
 
+def test_the_default_model_ships_its_searched_schedules(pipe):
+    """`--cache ecad` / `ecad-fast` on the default model: the GPU-searched schedules at the MACs
+    speed-ups docs/acceleration.md reports them at, and a cached generation spends that little."""
+    from pixforge.accel.cache import schedule_macs
+
+    assert set(pipe.cache_schedules) == {"ecad", "ecad-fast"}
+    for name, speedup in (("ecad", 2.58), ("ecad-fast", 2.83)):
+        schedule = pipe.cache_schedules[name]
+        assert (schedule.steps, schedule.blocks) == (20, pipe.transformer.config.num_layers)
+        m = schedule_macs(pipe.transformer, schedule, 128, 128, pipe.max_sequence_length, batch=2,
+                          vae_scale_factor=pipe.vae_scale_factor)
+        assert m["ratio"] == pytest.approx(speedup, abs=0.005), name  # no-cache MACs / the schedule's
+    result = pipe("two green squares", seed=0, progress=False, cache="ecad")
+    assert result.metadata[0].cache == "ecad" and result.cache.macs_spent < result.cache.macs_full / 2
+
+
 def test_the_default_model_draws_what_single_object_prompts_ask_for(pipe):
     """A quality floor, so a broken or undertrained model cannot ship unnoticed: the shipped model
     passes 87% of single-object test prompts (15 of these 16 here; the CPU-trained model before it

@@ -417,6 +417,40 @@ def test_cli_generate_with_a_cache_policy(model_dir, tmp_path):
     assert isinstance(bad.exception, PixforgeError) and "fora interval" in str(bad.exception)
 
 
+def test_a_model_folder_ships_named_schedules(tmp_path):
+    """MODEL/cache/NAME.json is usable as cache="NAME" (also in a cfg-cache combination), survives
+    save_pretrained, and a bad one is a checkpoint error naming the file."""
+    from pixforge.accel.cache import Fora
+
+    pipe = build_pipeline()
+    layers = pipe.transformer.config.num_layers
+    folder = pipe.save_pretrained(tmp_path / "m")
+    schedule = Fora(2).schedule(STEPS, layers)
+    (folder / "cache").mkdir()
+    schedule.save(folder / "cache" / "ecad.json")
+    loaded = PixArtPipeline.from_pretrained(folder)
+    assert loaded.cache_schedules == {"ecad": schedule}
+    named, direct = generate(loaded, seed=1, cache="ecad"), generate(loaded, seed=1, cache=schedule)
+    assert torch.equal(named.latents, direct.latents) and named.metadata[0].cache == "ecad"
+    assert named.cache.macs_spent < named.cache.macs_full
+    combined = generate(loaded, seed=1, cache="ecad+cfg-cache:2", guidance_scale=3.0)
+    assert combined.metadata[0].cache == "ecad+cfg-cache:2"
+    assert not torch.equal(combined.latents, generate(loaded, seed=1, cache="ecad", guidance_scale=3.0).latents)
+    with pytest.raises(PixforgeError, match="unknown cache policy 'ecad'.*this model ships ecad"):
+        generate(loaded, cache="ecad:2")
+    with pytest.raises(PixforgeError, match="unknown cache policy 'ecad'"):
+        generate(pipe, cache="ecad")  # a model without it
+    again = PixArtPipeline.from_pretrained(loaded.save_pretrained(tmp_path / "again"))
+    assert again.cache_schedules == {"ecad": schedule}
+    Fora(2).schedule(STEPS, layers + 1).save(folder / "cache" / "ecad.json")
+    with pytest.raises(CheckpointError, match=r"ecad.json is for \d+ blocks; the transformer has"):
+        PixArtPipeline.from_pretrained(folder)
+    (folder / "cache" / "ecad.json").unlink()
+    schedule.save(folder / "cache" / "fora.json")
+    with pytest.raises(CheckpointError, match="fora.json: a model's schedule needs a name"):
+        PixArtPipeline.from_pretrained(folder)
+
+
 def test_a_v_prediction_model_folder_round_trips_and_converts_to_eps(tmp_path):
     from pixforge.sampling import samplers as S
 

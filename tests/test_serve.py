@@ -304,6 +304,23 @@ def test_combined_cache_specs_are_accepted_and_batch_only_when_static():
         assert CACHE_SPEC.fullmatch(spec) and not cache_is_batch_safe(spec, model), spec
 
 
+def test_a_models_named_schedules_are_valid_cache_specs_for_it_alone():
+    pytest.importorskip("pixforge.accel.cache")
+    from pixforge.accel.cache import Fora
+    from pydantic_core import PydanticCustomError
+
+    from pixforge.serve.schemas import ModelInfo, cache_is_batch_safe, check_cache
+
+    plain = ModelInfo(name="m", native_size=64, size_multiple=8, default_sampler="dpm++", default_guidance=4.5,
+                      model_hash="0", cache_supported=True)
+    shipping = ModelInfo(name="m", native_size=64, size_multiple=8, default_sampler="dpm++", default_guidance=4.5,
+                         model_hash="0", cache_supported=True, cache_schedules={"ecad": Fora(2).schedule(4, 2)})
+    for spec in ("ecad", "ecad+cfg-cache:2"):
+        assert check_cache(spec, shipping) == spec and cache_is_batch_safe(spec, shipping)
+        with pytest.raises(PydanticCustomError, match="unknown cache policy 'ecad'"):
+            check_cache(spec, plain)
+
+
 def test_a_valid_cache_spec_reaches_the_pipeline_and_jobs_with_it_batch_apart(pipe, monkeypatch):
     pytest.importorskip("pixforge.accel.cache")
     seen = []

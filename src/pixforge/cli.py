@@ -158,7 +158,7 @@ def generate_command(
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto (the faster one on this machine)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (a GPU where one is visible)."),
     binning: bool = typer.Option(False, "--bin/--no-bin", help="Generate at PixArt's nearest aspect-ratio bucket, resize to --size."),
-    cache: str = typer.Option("none", "--cache", help="Feature caching across steps: fora:N | delta-dit:... | toca:... | teacache:T | first-block:T | late-dense:F | cfg-cache:N | schedule.json, and POLICY+cfg-cache:N, POLICY+icc:R (docs/acceleration.md)."),
+    cache: str = typer.Option("none", "--cache", help="Feature caching across steps: fora:N | delta-dit:... | toca:... | teacache:T | first-block:T | late-dense:F | cfg-cache:N | schedule.json | a schedule the model ships (the default model: ecad, ecad-fast), and POLICY+cfg-cache:N, POLICY+icc:R (docs/acceleration.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate images from a prompt; write PNGs with their settings embedded (A1111 'parameters').
@@ -172,6 +172,7 @@ def generate_command(
       pixforge generate "a cat" --model PixArt-Sigma-XL-2-512-MS --sampler euler-a --negative "blurry"
 
       pixforge generate "two green squares" --cache fora:2
+      pixforge generate "two green squares" --cache ecad
 
       pixforge generate "a cat" --model PixArt-Sigma-XL-2-1024-MS --device cuda --precision bf16
     """

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -1095,8 +1096,25 @@ CACHE_HELP = (
     "none | fora:N | delta-dit:interval=2,boundary=0.5,blocks=K | toca:interval=3,ratio=0.3 | "
     "teacache:THRESHOLD | first-block:THRESHOLD | late-dense:FRACTION,gamma=0.5 | cfg-cache:N | "
     "path/to/schedule.json (ours or ECAD's) | any of these but toca + cfg-cache:N (e.g. fora:2+cfg-cache:3) | "
-    "a static one + icc:RANK (increment-calibrated reuse, e.g. fora:3+icc:16)"
+    "a static one + icc:RANK (increment-calibrated reuse, e.g. fora:3+icc:16) | "
+    "a schedule the model ships, by name (the default model: ecad, ecad-fast)"
 )
+# A model folder's searched schedules: MODEL/cache/NAME.json, used as `cache="NAME"`.
+MODEL_SCHEDULES_DIR = "cache"
+_SCHEDULE_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def load_model_schedules(folder: str | Path) -> dict[str, CacheSchedule]:
+    """The named schedules a model folder ships (`folder/cache/*.json`), by file stem. A name
+    that is a policy's, or not lower-case letters, digits, '-' and '_', is refused."""
+    found = {}
+    for path in sorted(Path(folder, MODEL_SCHEDULES_DIR).glob("*.json")):
+        name = path.stem
+        if not _SCHEDULE_NAME.fullmatch(name) or name in POLICIES or name in ("none", "off", "icc"):
+            raise PixforgeError(f"{path}: a model's schedule needs a name of lower-case letters, digits, '-' and '_' "
+                                f"that is no policy's ({', '.join(POLICIES)}, icc, none, off)")
+        found[name] = replace(CacheSchedule.load(path), name=name)  # generations record the name they were asked by
+    return found
 
 
 def _parse_value(policy: str, key: str, text: str):
@@ -1111,8 +1129,10 @@ def _parse_value(policy: str, key: str, text: str):
     return value
 
 
-def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = None):
-    """A policy from a spec string, a schedule file path, a dict (schedule JSON), or a policy.
+def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = None,
+                     schedules: dict[str, CacheSchedule] | None = None):
+    """A policy from a spec string, a schedule file path, a dict (schedule JSON), or a policy;
+    `schedules`: the model's named schedules (`load_model_schedules`), usable by name.
 
     Returns None for no cache. Raises PixforgeError naming the problem otherwise.
     """
@@ -1130,8 +1150,8 @@ def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = Non
         return None
     base, plus, extra = text.rpartition("+")
     if plus and extra.strip().lower().startswith("cfg-cache"):
-        cfg = parse_cache_spec(extra, teacache_coefficients)
-        policy = parse_cache_spec(base, teacache_coefficients)
+        cfg = parse_cache_spec(extra, teacache_coefficients, schedules)
+        policy = parse_cache_spec(base, teacache_coefficients, schedules)
         return cfg if policy is None else WithCfgCache(policy, cfg)
     if plus and extra.strip().lower().startswith("icc"):
         _, _, value = extra.partition(":")
@@ -1143,7 +1163,7 @@ def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = Non
             rank = int(rank.strip()) if rank.strip() else Icc.rank
         except ValueError as error:
             raise PixforgeError(f"cache policy icc: rank={rank.strip()!r} is not an integer") from error
-        policy = parse_cache_spec(base, teacache_coefficients)
+        policy = parse_cache_spec(base, teacache_coefficients, schedules)
         if policy is None:
             raise PixforgeError(f"cache={text!r}: icc calibrates a policy's reuse; give one (e.g. fora:3+icc:16)")
         return Icc(policy, rank)
@@ -1154,8 +1174,11 @@ def parse_cache_spec(spec, teacache_coefficients: tuple[float, ...] | None = Non
         return CacheSchedule.load(text)
     name, _, args = text.partition(":")
     name = name.strip().lower()
+    if schedules and name in schedules and not args:
+        return schedules[name]
     if name not in POLICIES:
-        raise PixforgeError(f"unknown cache policy {name!r}; use {CACHE_HELP}")
+        shipped = f"; this model ships {', '.join(sorted(schedules))}" if schedules else ""
+        raise PixforgeError(f"unknown cache policy {name!r}; use {CACHE_HELP}{shipped}")
     cls = POLICIES[name]
     known = {f for f in cls.__dataclass_fields__ if f != "coefficients"}
     kwargs = {}

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from pixforge.accel.cache import parse_cache_spec, policy_name
+from pixforge.accel.cache import MODEL_SCHEDULES_DIR, load_model_schedules, parse_cache_spec, policy_name
 from pixforge.errors import CheckpointError, PixforgeError
 from pixforge.models.text import (
     PIXART_ALPHA_MAX_LENGTH,
@@ -392,6 +392,7 @@ class PixArtPipeline:
         self.prediction_type = "epsilon"  # or "v_prediction" (from the scheduler config)
         # TeaCache's rescaling polynomial fitted on this model (`teacache.json` in its folder).
         self.teacache_coefficients: tuple[float, ...] | None = None
+        self.cache_schedules: dict = {}  # searched schedules the model ships, usable as cache="NAME"
 
     # --- sizes ------------------------------------------------------------------------
     @property
@@ -536,7 +537,7 @@ class PixArtPipeline:
         max_length = self.max_sequence_length if max_sequence_length is None else max_sequence_length
         total = len(prompts) * per_prompt
         seeds, generators = self._generators(seed, generator, total)
-        policy = parse_cache_spec(cache, self.teacache_coefficients)
+        policy = parse_cache_spec(cache, self.teacache_coefficients, self.cache_schedules)
         cache_run = None if policy is None else policy.start(steps, self.transformer.config.num_layers)
         if precision is not None:
             self.set_precision(precision)
@@ -712,6 +713,16 @@ class PixArtPipeline:
             if not (isinstance(coefficients, list) and coefficients and all(isinstance(c, (int, float)) for c in coefficients)):
                 raise CheckpointError(f"{index_path}: teacache_coefficients must be a list of numbers")
             pipe.teacache_coefficients = tuple(float(c) for c in coefficients)
+        if (root / MODEL_SCHEDULES_DIR).is_dir():
+            try:
+                pipe.cache_schedules = load_model_schedules(root)
+            except PixforgeError as error:
+                raise CheckpointError(str(error)) from None
+            layers = transformer.config.num_layers
+            for name, schedule in pipe.cache_schedules.items():
+                if schedule.blocks != layers:
+                    raise CheckpointError(f"{root / MODEL_SCHEDULES_DIR / name}.json is for {schedule.blocks} blocks; "
+                                          f"the transformer has {layers}")
         if dtype != torch.float32:
             pipe.set_precision(precision)
         return pipe
@@ -766,6 +777,9 @@ class PixArtPipeline:
         }
         if self.teacache_coefficients is not None:
             index["_pixforge"]["teacache_coefficients"] = list(self.teacache_coefficients)
+        for name, schedule in self.cache_schedules.items():
+            (root / MODEL_SCHEDULES_DIR).mkdir(exist_ok=True)
+            schedule.save(root / MODEL_SCHEDULES_DIR / f"{name}.json")
         atomic_write_bytes(root / MODEL_INDEX, (json.dumps(index, indent=2) + "\n").encode())
         return root
 

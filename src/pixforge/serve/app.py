@@ -96,6 +96,7 @@ class ModelService:
             default_sampler=sampler_name(pipe.sampler), default_guidance=float(pipe.guidance_scale),
             model_hash=pipe.model_hash, cache_supported=self.cache_supported,
             teacache_coefficients=getattr(pipe, "teacache_coefficients", None),
+            cache_schedules=getattr(pipe, "cache_schedules", None),
         )
         self.queue = JobQueue(name, self.run_batch, metrics, settings.max_queue, settings.max_batch,
                               settings.batch_window_s)

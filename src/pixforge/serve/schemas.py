@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -54,6 +54,7 @@ class ModelInfo:
     model_hash: str
     cache_supported: bool  # the pipeline's __call__ takes `cache=`
     teacache_coefficients: tuple[float, ...] | None = None
+    cache_schedules: dict | None = field(default=None, compare=False)  # the model's named schedules
 
     def max_steps(self, sampler: str, settings: ServeSettings) -> int:
         config = S.SAMPLERS[sampler]
@@ -193,7 +194,7 @@ def check_cache(value: str | None, model: ModelInfo) -> str | None:
     if not model.cache_supported:
         raise _fail("bad_cache", f"cache {text!r}: model {model.name!r}'s pipeline takes no cache policy; use 'none'")
     try:
-        parse_cache_spec(text, model.teacache_coefficients)
+        parse_cache_spec(text, model.teacache_coefficients, model.cache_schedules)
     except (PixforgeError, ValueError, TypeError, OverflowError) as error:  # whatever the parser chokes on is bad input
         raise _fail("bad_cache", f"cache {text!r}: {error}") from None
     return text
@@ -204,7 +205,7 @@ def cache_is_batch_safe(spec: str | None, model: ModelInfo) -> bool:
         return True
     from pixforge.accel.cache import is_static, parse_cache_spec
 
-    return is_static(parse_cache_spec(spec, model.teacache_coefficients))
+    return is_static(parse_cache_spec(spec, model.teacache_coefficients, model.cache_schedules))
 
 
 def _seeds(seed: int | None, images: int) -> tuple[int, ...]:
