@@ -304,7 +304,7 @@ def test_rescore_scores_each_distinct_schedule_once_and_keeps_the_fresh_front():
     dense = CacheSchedule.whole_steps(STEPS, BLOCKS, [0, 1, 2, 4], name="c")
     fresh = {"a": 0.5, "b": 0.6, "c": 0.55}  # on fresh prompts the cheaper fora3 turns out best
     quality = CountingQuality()
-    scored, front = rescore([fora2, same, fora3, dense], lambda s: (quality(s), [fresh[s[0].name]])[1], macs)
+    scored, front = rescore([fora2, same, fora3, dense], lambda s: (quality(s), [fresh[x.name] for x in s])[1], macs)
     assert quality.calls == 3  # the duplicate mask is scored once
     assert [p["schedule"].name for p in scored] == ["b", "a", "c"]  # cheapest first
     assert [p["schedule"].name for p in front] == ["b"]  # b is cheaper and better than a and c
@@ -356,6 +356,62 @@ def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path, model_dir
     wrong_steps = invoke(["rescore-cache", str(tmp_path / "a"), "--model", str(model_dir),
                                            "--steps", "4", "--out", str(tmp_path / "y")])
     assert "this model and --steps give 4" in str(wrong_steps.exception)
+
+
+def test_every_evaluated_schedule_can_be_read_back_with_its_quality(tmp_path):
+    from pixforge.accel.ecad import STATE_FILE, evaluated_points
+
+    s = search(tmp_path, speedup=(1.2, 3.0), population=6)
+    s.run(3)
+    points = evaluated_points(tmp_path / "s")
+    run = {k: q for k, (q, _) in s.cache.items() if q is not None}
+    assert len(points) == len(run) > len(s.front())  # every evaluated genome, not only the front
+    qualities = [q for _, q in points]
+    assert qualities == sorted(qualities, reverse=True)
+    for schedule, quality in points:  # the same schedule the search ran, with the quality it measured
+        key = schedule.name.removeprefix("ecad-")
+        assert quality == run[key] == CountingQuality()([schedule])[0]
+        assert 1.2 <= 1 / macs(schedule) <= 3.0
+    state = json.loads((tmp_path / "s" / STATE_FILE).read_text())
+    del state["genomes"]  # a search saved before the genomes were kept: its final population only
+    (tmp_path / "s" / STATE_FILE).write_text(json.dumps(state))
+    older = evaluated_points(tmp_path / "s")
+    assert 0 < len(older) <= 6 and {x.name for x, _ in older} <= {x.name for x, _ in points}
+    with pytest.raises(PixforgeError, match="search_state.json not found"):
+        evaluated_points(tmp_path)
+
+
+def test_rescore_cache_top_takes_evaluated_schedules_beyond_the_front(tmp_path, model_dir, monkeypatch):
+    from pixforge.accel.ecad import evaluated_points
+
+    common = ["--model", str(model_dir), "--steps", "3"]
+    first = invoke(["search-cache", *common, "--out", str(tmp_path / "a"), "--generations", "2",
+                    "--population", "6", "--prompts", "2"])
+    assert first.exit_code == 0, first.output
+    import pixforge.accel.ecad as ecad
+
+    seen = []
+
+    def fake_quality(pipe, n_prompts, steps, cfg, seed=0, **kwargs):
+        def evaluate(schedules):
+            seen.extend(s for s in schedules if s is not None)
+            return [0.8 if s is None else 0.5 for s in schedules]
+        return evaluate
+
+    monkeypatch.setattr(ecad, "shapes_quality", fake_quality)
+    front = json.loads((tmp_path / "a" / "pareto.json").read_text())["front"]
+    everything = evaluated_points(tmp_path / "a")
+    assert len(everything) > len(front)
+    plain = invoke(["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "r"), "--prompts", "2",
+                    "--no-calibration-deltas"])
+    assert plain.exit_code == 0, plain.output
+    assert len(seen) == len(front)
+    seen.clear()
+    more = invoke(["rescore-cache", str(tmp_path / "a"), *common, "--out", str(tmp_path / "t"), "--prompts", "2",
+                   "--no-calibration-deltas", "--top", "2"])
+    assert more.exit_code == 0, more.output
+    assert len(seen) == min(len(front) + 2, len(everything))
+    assert invoke(["rescore-cache", str(tmp_path / "a"), *common, "--top", "-1"]).exception is not None
 
 
 def test_search_precision_is_part_of_the_search_identity(tmp_path, model_dir):

@@ -155,6 +155,12 @@ def rescore_cache_command(
     cfg: float = typer.Option(None, "--cfg", help="Guidance scale (default: the model's)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    top: int = typer.Option(
+        0, "--top",
+        help="Also re-score each search's N best evaluated schedules inside the speed-up window, by the quality "
+             "its search measured, not only its front (the front's points are the most over-rated). Needs the "
+             "search folder (its search_state.json; searches saved before this option keep only their final "
+             "population's schedules)."),
     calibration_deltas: bool = typer.Option(
         True, "--calibration-deltas/--no-calibration-deltas",
         help="Also run no cache on each search's own calibration prompts, at that search's precision, for the "
@@ -170,13 +176,25 @@ def rescore_cache_command(
 
       pixforge rescore-cache runs/ecad-v6 runs/ecad-v8 --prompts 256 --min-speedup 2
     """
-    from pixforge.accel.ecad import (front_points, plot_front, rescore, schedule_key, search_identity,
-                                      shapes_quality, write_front)
+    from pathlib import Path
+
+    from pixforge.accel.ecad import (STATE_FILE, evaluated_points, front_points, plot_front, rescore, schedule_key,
+                                      search_identity, shapes_quality, write_front)
     from pixforge.errors import PixforgeError
 
-    if prompts < 1 or first_prompt < 0:
-        raise PixforgeError(f"--prompts {prompts} must be >= 1 and --first-prompt {first_prompt} >= 0")
-    loaded = [(front_points(source), search_identity(source)) for source in sources]  # bad files fail first
+    if prompts < 1 or first_prompt < 0 or top < 0:
+        raise PixforgeError(f"--prompts {prompts} must be >= 1, --first-prompt {first_prompt} and --top {top} >= 0")
+
+    def evaluated(source: str) -> list:
+        """A search folder's evaluated schedules; none for a schedule file or a re-scored front."""
+        folder = Path(source) if Path(source).is_dir() else Path(source).parent
+        if search_identity(source) is None or not (folder / STATE_FILE).is_file():
+            typer.echo(f"{source}: no search state beside it; --top takes nothing more from it", err=True)
+            return []
+        return evaluated_points(folder)
+
+    # (front points, more evaluated points, identity) per source; bad files fail first
+    loaded = [(front_points(source), evaluated(source) if top else [], search_identity(source)) for source in sources]
     pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg, device)
     layers = pipe.transformer.config.num_layers
     baselines = {}  # (prompts, cfg, steps) of a search -> its no-cache accuracy on its calibration prompts
@@ -195,17 +213,20 @@ def rescore_cache_command(
         return baselines[key]
 
     searched = {}  # schedule key -> (quality its search measured, that search's no-cache accuracy)
-    candidates = []
-    for points, identity in loaded:
-        for schedule, measured in points:
+    candidates = {}
+    for points, more, identity in loaded:
+        for schedule, measured in [*points, *more]:
             if (schedule.steps, schedule.blocks) != (steps, layers):
                 raise PixforgeError(f"schedule {schedule.name!r} is for {schedule.steps} steps x {schedule.blocks} "
                                     f"blocks; this model and --steps give {steps} x {layers}")
-            if not min_speedup <= 1.0 / macs_ratio(schedule) <= max_speedup:
-                continue
-            candidates.append(schedule)
+        in_window = [(s, q) for s, q in [*points, *more] if min_speedup <= 1.0 / macs_ratio(s) <= max_speedup]
+        front_keys = {schedule_key(s) for s, _ in points}
+        extra = [(s, q) for s, q in in_window if schedule_key(s) not in front_keys][:top]
+        for schedule, measured in [p for p in in_window if schedule_key(p[0]) in front_keys] + extra:
+            candidates.setdefault(schedule_key(schedule), schedule)
             if measured is not None:
                 searched.setdefault(schedule_key(schedule), (measured, search_baseline(identity)))
+    candidates = list(candidates.values())
     if not candidates:
         raise PixforgeError(f"no candidate schedule between --min-speedup {min_speedup} and --max-speedup {max_speedup}")
     quality = shapes_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance, seed=first_prompt)

@@ -83,6 +83,14 @@ def genome_key(bits: np.ndarray) -> str:
     return hashlib.sha1(np.packbits(bits.astype(bool)).tobytes()).hexdigest()[:16]
 
 
+def pack_genome(bits: np.ndarray) -> str:
+    return np.packbits(np.asarray(bits, bool)).tobytes().hex()
+
+
+def unpack_genome(text: str, n_var: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), np.uint8))[:n_var].astype(bool)
+
+
 def heuristic_schedules(steps: int, blocks: int, guidance: bool = False) -> list[CacheSchedule]:
     """Hand-made schedules for the first population: late-dense step sets (the best trade of
     whole-step reuse measured here), FORA 2..5 and gated Δ-DiT variants; with `guidance`,
@@ -200,6 +208,7 @@ class ScheduleSearch:
             )
         # genome key -> (quality, macs ratio); quality None: outside the speed-up window, not run
         self.cache: dict[str, tuple[float | None, float]] = {}
+        self.genomes: dict[str, str] = {}  # genome key -> its bits (pack_genome), for re-scoring any of them
         self.history: list[dict] = []
 
     # --- genome <-> schedule ---------------------------------------------------------------
@@ -259,6 +268,8 @@ class ScheduleSearch:
         None in the cache, F = 2): constraint violation alone ranks it."""
         X = X.astype(bool)
         keys = [genome_key(x) for x in X]
+        for key, x in zip(keys, X):
+            self.genomes.setdefault(key, pack_genome(x))
         todo = [(k, self.schedule(x)) for k, x in dict(zip(keys, X)).items() if k not in self.cache]
         costs = {key: float(self.macs_ratio(schedule)) for key, schedule in todo}
         run = [(key, schedule) for key, schedule in todo if self._in_window(costs[key])]
@@ -345,7 +356,7 @@ class ScheduleSearch:
             # an infeasible member (outside a speed-up window) has no crowding distance: null
             "crowding": [None if v is None else float(v) for v in pop.get("crowding")],
             "rng": algorithm.random_state.bit_generator.state,
-            "cache": self.cache, "history": self.history,
+            "cache": self.cache, "history": self.history, "genomes": self.genomes,
         }
         atomic_write_bytes(self.out_dir / STATE_FILE, json.dumps(state).encode())
 
@@ -362,6 +373,7 @@ class ScheduleSearch:
                 f"use another --out folder or the same settings"
             )
         self.cache = {k: tuple(v) for k, v in state["cache"].items()}
+        self.genomes = dict(state.get("genomes", {}))  # (searches saved before it: the population's, below)
         self.history = state["history"]
         X = np.array(state["X"], dtype=bool)
         algorithm = algorithm_factory(X)
@@ -434,6 +446,33 @@ class ScheduleSearch:
         return write_front(self.out_dir, self.identity, front)
 
 
+def evaluated_points(folder: str | Path) -> list[tuple[CacheSchedule, float]]:
+    """Every schedule a search folder's state holds with the quality its search measured, best
+    first: all evaluated genomes for searches saved with their bits (`genomes`), else those of
+    the final population. Outside-the-window genomes (never run) are left out."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise PixforgeError(f"{path} not found: a search folder (pixforge search-cache --out) is needed")
+    try:
+        state = json.loads(path.read_text())
+        identity = state["identity"]
+        fields = {k: v for k, v in identity.items() if k in SearchConfig.__dataclass_fields__}
+        if fields.get("speedup") is not None:
+            lo, hi = fields["speedup"]
+            fields["speedup"] = (lo, float("inf") if hi is None else hi)
+        decoder = ScheduleSearch(lambda schedules: [], lambda schedule: 1.0, int(identity["steps"]),
+                                 int(identity["blocks"]), folder, SearchConfig(**fields))
+        genomes = dict(state.get("genomes", {}))
+        for x in state["X"]:
+            bits = np.asarray(x, bool)
+            genomes.setdefault(genome_key(bits), pack_genome(bits))
+        points = [(decoder.schedule(unpack_genome(bits, decoder.n_var), name=f"ecad-{key}"), float(state["cache"][key][0]))
+                  for key, bits in genomes.items() if state["cache"].get(key, [None])[0] is not None]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise PixforgeError(f"{path}: not a search state ({error!r})") from error
+    return sorted(points, key=lambda point: -point[1])
+
+
 def write_front(out_dir: str | Path, identity: dict, front: list[dict]) -> Path:
     """OUT/pareto.json (every point with its schedule and any extra fields) + OUT/front/*.json."""
     from pixforge.models.convert import atomic_write_bytes
@@ -466,6 +505,9 @@ def non_dominated(points: list[dict]) -> list[dict]:
     return sorted((p for p in points if not beaten(p)), key=lambda p: (p["macs_ratio"], -p["quality"]))
 
 
+RESCORE_BATCH = 4  # schedules per quality call when re-scoring
+
+
 def rescore(schedules: Sequence[CacheSchedule], evaluate: Callable[[Sequence[CacheSchedule]], Sequence[float]],
             macs_ratio: Callable[[CacheSchedule], float], progress: Callable[[int, int], None] | None = None,
             ) -> tuple[list[dict], list[dict]]:
@@ -480,16 +522,22 @@ def rescore(schedules: Sequence[CacheSchedule], evaluate: Callable[[Sequence[Cac
     Returns (every candidate, the non-dominated ones), each {"quality", "macs_ratio",
     "speedup_macs", "schedule"}, cheapest first.
     """
-    unique: dict[str, CacheSchedule] = {}
+    first: dict[str, CacheSchedule] = {}
     for schedule in schedules:
-        unique.setdefault(schedule_key(schedule), schedule)
+        first.setdefault(schedule_key(schedule), schedule)
+    unique = list(first.values())
     scored = []
-    for i, schedule in enumerate(unique.values()):
-        quality = float(evaluate([schedule])[0])
-        ratio = float(macs_ratio(schedule))
-        scored.append({"quality": quality, "macs_ratio": ratio, "speedup_macs": 1.0 / ratio, "schedule": schedule})
+    for start in range(0, len(unique), RESCORE_BATCH):  # a batch: checking one overlaps generating the next
+        batch = unique[start:start + RESCORE_BATCH]
+        qualities = list(evaluate(batch))
+        if len(qualities) != len(batch):
+            raise PixforgeError(f"quality function returned {len(qualities)} values for {len(batch)} schedules")
+        for schedule, quality in zip(batch, qualities):
+            ratio = float(macs_ratio(schedule))
+            scored.append({"quality": float(quality), "macs_ratio": ratio, "speedup_macs": 1.0 / ratio,
+                           "schedule": schedule})
         if progress is not None:
-            progress(i + 1, len(unique))
+            progress(len(scored), len(unique))
     scored.sort(key=lambda p: (p["macs_ratio"], -p["quality"]))
     return scored, non_dominated(scored)
 
