@@ -196,6 +196,13 @@ def test_schedule_json_round_trip(tmp_path):
     path = schedule.save(tmp_path / "s.json")
     loaded = C.parse_cache_spec(str(path))
     assert loaded == schedule and loaded.block_reuse == "delta" and loaded.name == schedule.name
+    assert loaded.searched_on is None and "searched_on" not in schedule.to_dict()
+    from dataclasses import replace
+
+    tagged = replace(schedule, searched_on="555cd74014")
+    assert C.CacheSchedule.load(tagged.save(tmp_path / "t.json")).searched_on == "555cd74014"
+    with pytest.raises(PixforgeError, match="searched_on must be a model hash"):
+        C.CacheSchedule.from_dict({**tagged.to_dict(), "searched_on": 5})
 
 
 def test_ecad_published_format_reads_and_writes(tmp_path):

@@ -48,6 +48,8 @@ def test_the_default_model_ships_its_searched_schedules(pipe):
     from pixforge.accel.cache import schedule_macs
 
     assert set(pipe.cache_schedules) == {"ecad", "ecad-fast"}
+    # searched on exactly these weights: new weights need a new search (or the files removed)
+    assert {s.searched_on for s in pipe.cache_schedules.values()} == {pipe.model_hash}
     for name, speedup in (("ecad", 2.58), ("ecad-fast", 2.83)):
         schedule = pipe.cache_schedules[name]
         assert (schedule.steps, schedule.blocks) == (20, pipe.transformer.config.num_layers)

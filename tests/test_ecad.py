@@ -186,7 +186,11 @@ def test_the_front_is_written_as_usable_schedules(tmp_path):
     data = json.loads(path.read_text())
     assert len(data["front"]) == len(front)
     schedule = CacheSchedule.load(tmp_path / "s" / data["front"][0]["file"])
-    assert schedule == front[0]["schedule"]
+    assert schedule == front[0]["schedule"] and schedule.searched_on is None  # no model in this identity
+    from pixforge.accel.ecad import write_front
+
+    write_front(tmp_path / "m", {"model": "abc123"}, front)
+    assert {CacheSchedule.load(f).searched_on for f in (tmp_path / "m" / "front").glob("*.json")} == {"abc123"}
 
 
 def test_search_cache_cli_on_a_tiny_pipeline(tmp_path, model_dir):

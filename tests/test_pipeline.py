@@ -451,6 +451,21 @@ def test_a_model_folder_ships_named_schedules(tmp_path):
         PixArtPipeline.from_pretrained(folder)
 
 
+def test_a_schedule_searched_on_other_weights_is_warned_about(pipe, caplog):
+    from dataclasses import replace
+
+    from pixforge.accel.cache import Fora, Icc
+
+    schedule = Fora(2).schedule(STEPS, pipe.transformer.config.num_layers)
+    for origin, warned in ((None, False), (pipe.model_hash, False), ("0123456789", True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pixforge.sampling.pipeline"):
+            generate(pipe, cache=replace(schedule, searched_on=origin))
+            generate(pipe, cache=Icc(replace(schedule, searched_on=origin), 2))
+        hits = [r for r in caplog.records if "was searched on model 0123456789" in r.getMessage()]
+        assert len(hits) == (2 if warned else 0), origin
+
+
 def test_a_v_prediction_model_folder_round_trips_and_converts_to_eps(tmp_path):
     from pixforge.sampling import samplers as S
 

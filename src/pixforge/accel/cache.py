@@ -67,6 +67,9 @@ class CacheSchedule:
     # applied to that layer's input change since the cache, the nonlinearities (attention
     # softmax, GELU) run exactly. Costs ~R (in + out) MACs per token per linear layer.
     calibration_rank: int = 0
+    # The model hash (PixArtPipeline.model_hash) of the weights a search found it on, if any: a
+    # searched schedule's measured accuracy holds for those weights only.
+    searched_on: str | None = None
 
     def __post_init__(self):
         compute = np.asarray(self.compute)
@@ -201,6 +204,8 @@ class CacheSchedule:
             data["guidance"] = "".join("1" if g else "0" for g in self.guidance)
         if self.calibration_rank:
             data["calibration_rank"] = self.calibration_rank
+        if self.searched_on:
+            data["searched_on"] = self.searched_on
         return data
 
     @classmethod
@@ -234,8 +239,12 @@ class CacheSchedule:
         rank = data.get("calibration_rank", 0)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise PixforgeError(f"{source}: calibration_rank must be an integer >= 0, got {rank!r}")
+        searched_on = data.get("searched_on")
+        if searched_on is not None and not isinstance(searched_on, str):
+            raise PixforgeError(f"{source}: searched_on must be a model hash string, got {searched_on!r}")
         return cls(compute.astype(bool), name=str(data.get("name", "custom")),
-                   block_reuse=str(data.get("block_reuse", "gated")), guidance=guidance, calibration_rank=rank)
+                   block_reuse=str(data.get("block_reuse", "gated")), guidance=guidance, calibration_rank=rank,
+                   searched_on=searched_on)
 
     # --- JSON: ECAD's published format --------------------------------------------------------
     def to_ecad(self) -> dict:
@@ -1204,6 +1213,13 @@ def is_static(policy) -> bool:
     if isinstance(policy, WithCfgCache):
         return is_static(policy.policy)
     return isinstance(policy, (CacheSchedule, Fora, DeltaDiT, LateDense, CfgCache, Icc))
+
+
+def searched_schedule(policy) -> CacheSchedule | None:
+    """The searched schedule inside a policy (alone, +cfg-cache, +icc), if it records its model."""
+    while isinstance(policy, (WithCfgCache, Icc)):
+        policy = policy.policy
+    return policy if isinstance(policy, CacheSchedule) and policy.searched_on else None
 
 
 def policy_name(policy) -> str:

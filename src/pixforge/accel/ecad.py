@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -482,6 +482,8 @@ def write_front(out_dir: str | Path, identity: dict, front: list[dict]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, point in enumerate(front):
+        if identity.get("model"):  # the weights its quality was measured on
+            point = {**point, "schedule": replace(point["schedule"], searched_on=identity["model"])}
         path = point["schedule"].save(folder / f"{i:02d}-q{point['quality']:.3f}-x{point['speedup_macs']:.2f}.json")
         entry = {k: v for k, v in point.items() if k != "schedule"}
         entry.update(file=str(path.relative_to(out_dir)), schedule=point["schedule"].to_dict())

@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from pixforge.accel.cache import MODEL_SCHEDULES_DIR, load_model_schedules, parse_cache_spec, policy_name
+from pixforge.accel.cache import (MODEL_SCHEDULES_DIR, load_model_schedules, parse_cache_spec, policy_name,
+                                  searched_schedule)
 from pixforge.errors import CheckpointError, PixforgeError
 from pixforge.models.text import (
     PIXART_ALPHA_MAX_LENGTH,
@@ -538,6 +539,10 @@ class PixArtPipeline:
         total = len(prompts) * per_prompt
         seeds, generators = self._generators(seed, generator, total)
         policy = parse_cache_spec(cache, self.teacache_coefficients, self.cache_schedules)
+        searched = searched_schedule(policy)
+        if searched is not None and searched.searched_on != self.model_hash:
+            logger.warning("cache schedule %r was searched on model %s; these weights are %s, so its measured "
+                           "accuracy does not carry over", searched.name, searched.searched_on, self.model_hash)
         cache_run = None if policy is None else policy.start(steps, self.transformer.config.num_layers)
         if precision is not None:
             self.set_precision(precision)
