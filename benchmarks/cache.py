@@ -73,6 +73,10 @@ def main() -> None:
     parser.add_argument("--baseline-from", default=None,
                         help="an earlier output of this script with a 'none' row on the same --prompts and --steps: "
                              "reuse its no-cache verdicts instead of scoring no cache again")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="guidance scale for every policy (default: the model's). With --baseline-from, the "
+                             "stored no-cache verdicts keep the scale they were scored at: a cache compared, at "
+                             "another scale, with no cache at the model's")
     parser.add_argument("--device", default="cpu",
                         help="where to generate (cpu | cuda | auto); on a GPU the checker runs in worker processes "
                              "and the wall column times that GPU")
@@ -85,6 +89,11 @@ def main() -> None:
                    if args.baseline_from else None)
     pipe = load_pipeline(args.model, device=args.device)
     checker = CheckPool(0 if pipe.device.type == "cpu" else default_check_workers())
+    model_cfg = pipe.guidance_scale
+    if args.cfg is not None:
+        if not args.cfg >= 0:
+            raise SystemExit(f"--cfg {args.cfg} must be >= 0")
+        pipe.guidance_scale = args.cfg
     blocks = pipe.transformer.config.num_layers
     policies: dict[str, object] = {}
     steps_of = {}
@@ -92,7 +101,7 @@ def main() -> None:
         policy_spec, at, n = spec.rpartition("@") if "@" in spec else (spec, "", "")
         if at and not n.isdigit():
             raise SystemExit(f"policy {spec!r}: SPEC@N takes a step count N")
-        policies[spec] = parse_cache_spec(policy_spec, pipe.teacache_coefficients)
+        policies[spec] = parse_cache_spec(policy_spec, pipe.teacache_coefficients, pipe.cache_schedules)
         steps_of[spec] = int(n) if at else args.steps
     for pareto in args.ecad:
         front = json.loads(Path(pareto).read_text())["front"]
@@ -120,8 +129,9 @@ def main() -> None:
     def one(policy, steps):
         return lambda: pipe(items[0].caption, num_inference_steps=steps, seed=0, progress=False, cache=policy)
 
-    print(f"model {args.model or 'embedded default'} on {pipe.device}; {args.steps} steps; "
-          f"wall: median of {args.repeats}")
+    print(f"model {args.model or 'embedded default'} on {pipe.device}; {args.steps} steps; CFG {pipe.guidance_scale}"
+          + (f" (stored no-cache verdicts: {args.baseline_from})" if stored_none is not None else "")
+          + f"; wall: median of {args.repeats}")
     walls = interleaved({name: one(policy, steps_of[name]) for name, policy in policies.items()}, args.repeats)
     rows, per_prompt = [], {}
     base_wall = float(np.median(walls["none"]))
@@ -163,7 +173,9 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "split": args.split, "first_prompt": args.first_prompt,
                                           "repeats": args.repeats, "blocks": blocks,
-                                          "device": pipe.device.type,
+                                          "device": pipe.device.type, "cfg": pipe.guidance_scale,
+                                          "no_cache_cfg": pipe.guidance_scale if stored_none is None else
+                                          json.loads(Path(args.baseline_from).read_text()).get("cfg", model_cfg),
                                           "rows": rows}, indent=1))
     if args.plot:
         import matplotlib
