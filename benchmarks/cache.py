@@ -88,7 +88,7 @@ def main() -> None:
     stored_none = (stored_no_cache_verdicts(args.baseline_from, args.prompts, args.steps, args.split, args.first_prompt)
                    if args.baseline_from else None)
     pipe = load_pipeline(args.model, device=args.device)
-    checker = CheckPool(0 if pipe.device.type == "cpu" else default_check_workers())
+    checker = CheckPool(default_check_workers(pipe.device.type))
     model_cfg = pipe.guidance_scale
     if args.cfg is not None:
         if not args.cfg >= 0:

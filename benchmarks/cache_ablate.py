@@ -84,7 +84,9 @@ def main() -> None:
     rows, passed = [], {}
     for name in ["none", *[v for v in args.variants.split(",") if v and v != "none"]]:
         policy = variant(schedule, name)
-        speedup = 1.0 if policy is None else schedule_macs(pipe.transformer, policy, 128, 128, text_len, batch)["ratio"]
+        size = pipe.native_size
+        speedup = 1.0 if policy is None else schedule_macs(pipe.transformer, policy, size, size, text_len, batch,
+                                                           vae_scale_factor=pipe.vae_scale_factor)["ratio"]
         start = time.time()
         if name == "none" and stored_none is not None:
             verdicts = stored_none

@@ -85,3 +85,14 @@ def test_stored_no_cache_verdicts_only_for_the_same_prompts(tmp_path):
     ablation = tmp_path / "ablate.json"  # cache_ablate.py names its rows "variant"; old cache.py files: test from 0
     ablation.write_text(json.dumps({"steps": 20, "rows": [{"variant": "none", "passed": "01"}]}))
     assert stored_no_cache_verdicts(ablation, 2, 20, "test", 0) == [0, 1]
+
+
+def test_checker_workers_start_beside_a_gpu_only(monkeypatch):
+    import os
+
+    from pixforge.eval.shapes import default_check_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert (default_check_workers("cuda"), default_check_workers("cpu")) == (14, 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert default_check_workers("cuda") == 0

@@ -600,7 +600,7 @@ def shapes_quality(pipe, n_prompts: int = 32, split: str = "validation", steps: 
     items = [sample(seed + i, split, WorldConfig()) for i in range(n_prompts)]
     captions = [item.caption for item in items]
     if check_workers is None:
-        check_workers = 0 if pipe.device.type == "cpu" else default_check_workers()
+        check_workers = default_check_workers(pipe.device.type)
     checker = CheckPool(check_workers)
 
     def evaluate(schedules: Sequence[CacheSchedule]) -> list[float]:

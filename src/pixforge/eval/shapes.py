@@ -302,11 +302,14 @@ def _passes(arrays: list, captions: list[str]) -> list[bool]:
     return [check(array, caption).passed for array, caption in zip(arrays, captions)]
 
 
-def default_check_workers() -> int:
-    """Checker processes worth starting beside a GPU generating: the cores but two (none on a
-    machine of four cores or fewer, where generation already uses them)."""
+def default_check_workers(device: str = "cuda") -> int:
+    """Checker processes worth starting beside generation on `device` (a device type): the cores
+    but two beside a GPU; none for a CPU, or on a machine of four cores or fewer, where generation
+    already uses the cores."""
     import os
 
+    if device == "cpu":
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if cores <= 4 else min(cores - 2, 32)
 
