@@ -362,6 +362,57 @@ def test_rescore_cache_cli_rescores_a_front_on_fresh_prompts(tmp_path, model_dir
     assert "this model and --steps give 4" in str(wrong_steps.exception)
 
 
+def test_rescore_stops_starting_batches_at_its_deadline():
+    import time
+
+    from pixforge.accel.ecad import RESCORE_BATCH, rescore
+
+    schedules = [CacheSchedule.whole_steps(STEPS, BLOCKS, [0, k], name=f"s{k}") for k in range(1, STEPS)]
+    schedules.append(CacheSchedule.whole_steps(STEPS, BLOCKS, [0], name="s0"))
+    assert len({s.compute.tobytes() for s in schedules}) == len(schedules) > RESCORE_BATCH
+    calls = []
+
+    def slow(batch):  # the first batch ends past the deadline
+        calls.append(len(batch))
+        time.sleep(0.2)
+        return [0.5] * len(batch)
+
+    scored, front = rescore(schedules, slow, macs, deadline=time.time() + 0.1)
+    assert calls == [RESCORE_BATCH] and len(scored) == RESCORE_BATCH and front
+    scored, _ = rescore(schedules, slow, macs, deadline=time.time() - 1)
+    assert scored == []
+    assert len(rescore(schedules, slow, macs)[0]) == len(schedules)
+
+
+def test_search_calibrates_from_first_prompt_and_rescore_refuses_its_prompts(tmp_path, model_dir, monkeypatch):
+    import pixforge.accel.ecad as ecad
+
+    calls = []
+    real = ecad.shapes_quality
+
+    def recording(pipe, n_prompts, steps, cfg, seed=0, **kwargs):
+        calls.append((n_prompts, seed))
+        return real(pipe, n_prompts=n_prompts, steps=steps, cfg=cfg, seed=seed, **kwargs)
+
+    monkeypatch.setattr(ecad, "shapes_quality", recording)
+    common = ["--model", str(model_dir), "--steps", "3"]
+    result = invoke(["search-cache", *common, "--out", str(tmp_path / "a"), "--generations", "1",
+                     "--population", "4", "--prompts", "2", "--first-prompt", "40"])
+    assert result.exit_code == 0, result.output
+    assert calls == [(2, 40)]
+    assert json.loads((tmp_path / "a" / "pareto.json").read_text())["identity"]["first_prompt"] == 40
+    calls.clear()
+    overlap = invoke(["rescore-cache", str(tmp_path / "a"), *common, "--prompts", "5", "--first-prompt", "37",
+                      "--out", str(tmp_path / "r")])
+    assert "selected on validation prompts 40..41" in str(overlap.exception) and calls == []
+    fresh = invoke(["rescore-cache", str(tmp_path / "a"), *common, "--prompts", "2", "--first-prompt", "0",
+                    "--out", str(tmp_path / "r")])
+    assert fresh.exit_code == 0, fresh.output
+    assert sorted(set(calls)) == [(2, 0), (2, 40)]  # fresh prompts, and no cache on the search's own (from 40)
+    assert invoke(["search-cache", *common, "--out", str(tmp_path / "b"), "--first-prompt", "-1"]).exception
+    assert invoke(["rescore-cache", str(tmp_path / "a"), *common, "--time-budget-minutes", "-1"]).exception
+
+
 def test_every_evaluated_schedule_can_be_read_back_with_its_quality(tmp_path):
     from pixforge.accel.ecad import STATE_FILE, evaluated_points
 
@@ -415,6 +466,13 @@ def test_rescore_cache_top_takes_evaluated_schedules_beyond_the_front(tmp_path, 
                    "--no-calibration-deltas", "--top", "2"])
     assert more.exit_code == 0, more.output
     assert len(seen) == min(len(front) + 2, len(everything))
+    rescored = json.loads((tmp_path / "t" / "pareto.json").read_text())
+    assert len(rescored["front"]) + len(rescored["others"]) == len(seen)  # the dominated candidates are kept
+    seen.clear()
+    again = invoke(["rescore-cache", str(tmp_path / "t"), *common, "--out", str(tmp_path / "u"), "--prompts", "2",
+                    "--first-prompt", "500", "--no-calibration-deltas", "--top", "1"])
+    assert again.exit_code == 0, again.output
+    assert len(seen) == len(rescored["front"]) + min(1, len(rescored["others"]))  # its front + its best other one
     assert invoke(["rescore-cache", str(tmp_path / "a"), *common, "--top", "-1"]).exception is not None
 
 

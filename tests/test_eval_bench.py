@@ -79,6 +79,7 @@ def test_stored_no_cache_verdicts_only_for_the_same_prompts(tmp_path):
     path.write_text(json.dumps({"steps": 20, "split": "validation", "first_prompt": 30,
                                 "rows": [{"policy": "fora:2", "passed": "000"}, {"policy": "none", "passed": "101"}]}))
     assert stored_no_cache_verdicts(path, 3, 20, "validation", 30) == [1, 0, 1]
+    assert stored_no_cache_verdicts(path, 2, 20, "validation", 30) == [1, 0]  # the first prompts of the stored run
     for other in [(4, 20, "validation", 30), (3, 10, "validation", 30), (3, 20, "test", 30), (3, 20, "validation", 0)]:
         with pytest.raises(SystemExit, match="needs a 'none' row scored on"):
             stored_no_cache_verdicts(path, *other)

@@ -40,6 +40,10 @@ def search_cache_command(
              "generation either way, so a cut-off run leaves a usable one."),
     population: int = typer.Option(72, "--population", help="NSGA-II population (ECAD: 72)."),
     prompts: int = typer.Option(32, "--prompts", help="Calibration prompts (shapes-world validation split)."),
+    first_prompt: int = typer.Option(
+        0, "--first-prompt",
+        help="Index of the first calibration prompt (and its seed): calibrate on prompts no earlier search "
+             "selected its seeds on."),
     steps: int = typer.Option(20, "--steps", help="Sampling steps the schedules are for."),
     cfg: float = typer.Option(None, "--cfg", help="Guidance scale (default: the model's)."),
     mutation: float = typer.Option(0.05, "--mutation", help="Bit-flip rate per bit."),
@@ -96,18 +100,22 @@ def search_cache_command(
         raise PixforgeError(f"--quality {quality_kind!r}: choose accuracy or agreement")
     if time_budget < 0:
         raise PixforgeError(f"--time-budget-minutes {time_budget} must be >= 0")
+    if prompts < 1 or first_prompt < 0:
+        raise PixforgeError(f"--prompts {prompts} must be >= 1 and --first-prompt {first_prompt} >= 0")
     seeds = [schedule for path in seed_from or [] for schedule in front_schedules(path)]
 
     pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg, device)
     blocks = pipe.transformer.config.num_layers
     make_quality = shapes_quality if quality_kind == "accuracy" else agreement_quality
-    quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance)
+    quality = make_quality(pipe, n_prompts=prompts, steps=steps, cfg=guidance, seed=first_prompt)
     if cfg_cache and guidance <= 1:
         raise PixforgeError(f"--cfg-cache needs classifier-free guidance; the guidance scale is {guidance}")
     window = None if (min_speedup, max_speedup) == (1.0, float("inf")) else (min_speedup, max_speedup)
     config = SearchConfig(population=population, mutation_rate=mutation, seed=seed, random_fraction=random_fraction,
                           granularity=granularity, guidance=cfg_cache, speedup=window, calibration_rank=icc)
     identity = {"model": pipe.model_hash, "prompts": prompts, "cfg": guidance}
+    if first_prompt:  # (searches from before the option keep their identity)
+        identity["first_prompt"] = first_prompt
     if quality_kind != "accuracy":  # (searches from before the option keep their identity)
         identity["quality"] = quality_kind
     if _dtype_name(pipe) != "float32":  # evaluations depend on it (fp32 searches keep their identity)
@@ -148,7 +156,7 @@ def rescore_cache_command(
     prompts: int = typer.Option(256, "--prompts", help="Fresh prompts (shapes-world validation split)."),
     first_prompt: int = typer.Option(
         1000, "--first-prompt",
-        help="Index of the first fresh prompt: past every search's calibration prompts (they start at 0)."),
+        help="Index of the first fresh prompt: past every source's calibration prompts (an overlap is refused)."),
     min_speedup: float = typer.Option(1.0, "--min-speedup", help="Skip candidates below this MACs speed-up."),
     max_speedup: float = typer.Option(float("inf"), "--max-speedup", help="Skip candidates above this MACs speed-up."),
     steps: int = typer.Option(20, "--steps", help="Sampling steps the schedules are for."),
@@ -160,7 +168,11 @@ def rescore_cache_command(
         help="Also re-score each search's N best evaluated schedules inside the speed-up window, by the quality "
              "its search measured, not only its front (the front's points are the most over-rated). Needs the "
              "search folder (its search_state.json; searches saved before this option keep only their final "
-             "population's schedules)."),
+             "population's schedules); from an earlier re-scoring, its N best dominated candidates."),
+    time_budget: float = typer.Option(
+        0.0, "--time-budget-minutes",
+        help="Start no new batch of candidates after this many minutes (0: no limit); what is scored by then is "
+             "written (candidates go in order: each source's front, then its --top schedules)."),
     calibration_deltas: bool = typer.Option(
         True, "--calibration-deltas/--no-calibration-deltas",
         help="Also run no cache on each search's own calibration prompts, at that search's precision, for the "
@@ -179,36 +191,51 @@ def rescore_cache_command(
     from pathlib import Path
 
     from pixforge.accel.ecad import (STATE_FILE, evaluated_points, front_points, plot_front, rescore, schedule_key,
-                                      search_identity, shapes_quality, write_front)
+                                      scored_points, search_identity, shapes_quality, write_front)
     from pixforge.errors import PixforgeError
 
-    if prompts < 1 or first_prompt < 0 or top < 0:
-        raise PixforgeError(f"--prompts {prompts} must be >= 1, --first-prompt {first_prompt} and --top {top} >= 0")
+    if prompts < 1 or first_prompt < 0 or top < 0 or time_budget < 0:
+        raise PixforgeError(f"--prompts {prompts} must be >= 1, --first-prompt {first_prompt}, --top {top} and "
+                            f"--time-budget-minutes {time_budget} >= 0")
+    import time
+
+    deadline = time.time() + 60 * time_budget if time_budget else None
 
     def evaluated(source: str) -> list:
-        """A search folder's evaluated schedules; none for a schedule file or a re-scored front."""
+        """A search folder's evaluated schedules, or a re-scoring's other scored candidates; none for a
+        schedule file."""
         folder = Path(source) if Path(source).is_dir() else Path(source).parent
-        if search_identity(source) is None or not (folder / STATE_FILE).is_file():
-            typer.echo(f"{source}: no search state beside it; --top takes nothing more from it", err=True)
-            return []
-        return evaluated_points(folder)
+        if search_identity(source) is not None and (folder / STATE_FILE).is_file():
+            return evaluated_points(folder)
+        others = scored_points(source) if search_identity(source) is not None else []
+        if not others:
+            typer.echo(f"{source}: no search state beside it and no other scored points; --top takes nothing "
+                       f"more from it", err=True)
+        return others
 
     # (front points, more evaluated points, identity) per source; bad files fail first
     loaded = [(front_points(source), evaluated(source) if top else [], search_identity(source)) for source in sources]
+    for source, (_, _, identity) in zip(sources, loaded):  # fresh means none of them selected on these prompts
+        if identity and "prompts" in identity:
+            start = int(identity.get("first_prompt", 0))
+            if start < first_prompt + prompts and first_prompt < start + int(identity["prompts"]):
+                raise PixforgeError(
+                    f"{source} was selected on validation prompts {start}..{start + int(identity['prompts']) - 1}; "
+                    f"--first-prompt {first_prompt} --prompts {prompts} overlaps them: choose fresh prompts")
     pipe, guidance, macs_ratio = _pipeline_and_cost(model, precision, cfg, device)
     layers = pipe.transformer.config.num_layers
     baselines = {}  # (prompts, cfg, steps) of a search -> its no-cache accuracy on its calibration prompts
 
     def search_baseline(identity: dict | None) -> float | None:
-        """No cache on the prompts a search calibrated on (they start at 0), when its quality was accuracy."""
+        """No cache on the prompts a search calibrated on, when its quality was accuracy."""
         if (not calibration_deltas or not identity or identity.get("quality", "accuracy") != "accuracy"
                 or "prompts" not in identity):
             return None
         key = (int(identity["prompts"]), float(identity.get("cfg", guidance)), int(identity.get("steps", steps)),
-               identity.get("precision", "float32"))
+               identity.get("precision", "float32"), int(identity.get("first_prompt", 0)))
         if key not in baselines:  # at the search's precision
             pipe.set_precision("bf16" if key[3] == "bfloat16" else "fp32")
-            baselines[key] = shapes_quality(pipe, n_prompts=key[0], steps=key[2], cfg=key[1])([None])[0]
+            baselines[key] = shapes_quality(pipe, n_prompts=key[0], steps=key[2], cfg=key[1], seed=key[4])([None])[0]
             pipe.set_precision(precision)
         return baselines[key]
 
@@ -234,7 +261,11 @@ def rescore_cache_command(
     typer.echo(f"{len(candidates)} candidates from {len(sources)} sources; validation prompts "
                f"{first_prompt}..{first_prompt + prompts - 1}, no cache {100 * baseline:.1f}%")
     scored, front = rescore(candidates, quality, macs_ratio,
-                            progress=lambda done, total: typer.echo(f"  {done}/{total}", err=True))
+                            progress=lambda done, total: typer.echo(f"  {done}/{total}", err=True), deadline=deadline)
+    if not scored:
+        raise PixforgeError(f"--time-budget-minutes {time_budget} was spent before the first candidate was scored")
+    if len(scored) < len(candidates):
+        typer.echo(f"time budget spent: {len(scored)} of {len(candidates)} candidates scored", err=True)
     for point in scored:
         measured, search_no_cache = searched.get(schedule_key(point["schedule"]), (None, None))
         point["delta"] = point["quality"] - baseline
@@ -243,7 +274,7 @@ def rescore_cache_command(
     identity = {"model": pipe.model_hash, "prompts": prompts, "first_prompt": first_prompt, "cfg": guidance,
                 "steps": steps, "precision": _dtype_name(pipe), "device": pipe.device.type,
                 "no_cache_quality": baseline, "rescored_from": [str(source) for source in sources]}
-    path = write_front(out, identity, front)
+    path = write_front(out, identity, front, others=[p for p in scored if not any(p is f for f in front)])
     plot = plot_front(front, {"no cache": (baseline, 1.0)}, f"{out}/pareto.png")
     for point in scored:
         mark = "*" if any(point is p for p in front) else " "

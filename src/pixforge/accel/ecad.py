@@ -446,6 +446,17 @@ class ScheduleSearch:
         return write_front(self.out_dir, self.identity, front)
 
 
+def scored_points(path: str | Path) -> list[tuple[CacheSchedule, float]]:
+    """The points a pareto.json keeps beyond its front ("others": a re-scoring's dominated
+    candidates), best quality first; none for a file without them."""
+    path, data = _front_file(path)
+    try:
+        others = sorted(data.get("others", []), key=lambda e: -float(e["quality"]))
+        return [(CacheSchedule.from_dict(e["schedule"], source=f"{path}: others"), float(e["quality"])) for e in others]
+    except (KeyError, TypeError, ValueError) as error:
+        raise PixforgeError(f"{path}: bad 'others' entry ({error!r})") from error
+
+
 def evaluated_points(folder: str | Path) -> list[tuple[CacheSchedule, float]]:
     """Every schedule a search folder's state holds with the quality its search measured, best
     first: all evaluated genomes for searches saved with their bits (`genomes`), else those of
@@ -473,8 +484,10 @@ def evaluated_points(folder: str | Path) -> list[tuple[CacheSchedule, float]]:
     return sorted(points, key=lambda point: -point[1])
 
 
-def write_front(out_dir: str | Path, identity: dict, front: list[dict]) -> Path:
-    """OUT/pareto.json (every point with its schedule and any extra fields) + OUT/front/*.json."""
+def write_front(out_dir: str | Path, identity: dict, front: list[dict], others: Sequence[dict] = ()) -> Path:
+    """OUT/pareto.json (every point with its schedule and any extra fields) + OUT/front/*.json.
+    `others`: more scored points (say, a re-scoring's dominated candidates), kept in pareto.json
+    under "others" (no files) so a later `rescore-cache --top` can take them."""
     from pixforge.models.convert import atomic_write_bytes
 
     out_dir = Path(out_dir)
@@ -488,8 +501,12 @@ def write_front(out_dir: str | Path, identity: dict, front: list[dict]) -> Path:
         entry = {k: v for k, v in point.items() if k != "schedule"}
         entry.update(file=str(path.relative_to(out_dir)), schedule=point["schedule"].to_dict())
         entries.append(entry)
+    data = {"identity": identity, "front": entries}
+    if others:
+        data["others"] = [{**{k: v for k, v in point.items() if k != "schedule"},
+                           "schedule": point["schedule"].to_dict()} for point in others]
     out = out_dir / "pareto.json"
-    atomic_write_bytes(out, json.dumps({"identity": identity, "front": entries}, indent=1).encode())
+    atomic_write_bytes(out, json.dumps(data, indent=1).encode())
     return out
 
 
@@ -512,7 +529,7 @@ RESCORE_BATCH = 4  # schedules per quality call when re-scoring
 
 def rescore(schedules: Sequence[CacheSchedule], evaluate: Callable[[Sequence[CacheSchedule]], Sequence[float]],
             macs_ratio: Callable[[CacheSchedule], float], progress: Callable[[int, int], None] | None = None,
-            ) -> tuple[list[dict], list[dict]]:
+            deadline: float | None = None) -> tuple[list[dict], list[dict]]:
     """Score candidate schedules (say, searches' fronts) again on prompts the search never saw.
 
     A front selected on one noisy accuracy estimate over-rates its points (the winner's curse:
@@ -522,7 +539,8 @@ def rescore(schedules: Sequence[CacheSchedule], evaluate: Callable[[Sequence[Cac
     (docs/acceleration.md: on 256 prompts the prompt sample moves a Δ by 2-3 points either
     way). Duplicates (same compute mask) are scored once.
     Returns (every candidate, the non-dominated ones), each {"quality", "macs_ratio",
-    "speedup_macs", "schedule"}, cheapest first.
+    "speedup_macs", "schedule"}, cheapest first; with a `deadline` (a time.time() value) only
+    those scored in the batches started before it.
     """
     first: dict[str, CacheSchedule] = {}
     for schedule in schedules:
@@ -530,6 +548,8 @@ def rescore(schedules: Sequence[CacheSchedule], evaluate: Callable[[Sequence[Cac
     unique = list(first.values())
     scored = []
     for start in range(0, len(unique), RESCORE_BATCH):  # a batch: checking one overlaps generating the next
+        if deadline is not None and time.time() >= deadline:
+            break
         batch = unique[start:start + RESCORE_BATCH]
         qualities = list(evaluate(batch))
         if len(qualities) != len(batch):

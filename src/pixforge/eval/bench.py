@@ -43,17 +43,18 @@ def shapes_items(n: int, split: str = "validation") -> list:
 def stored_no_cache_verdicts(path, prompts: int, steps: int, split: str, first_prompt: int) -> list[int]:
     """The no-cache pass/fail verdicts stored by an earlier benchmark run (benchmarks/cache.py: a
     row whose "policy" is "none"; benchmarks/cache_ablate.py: "variant") on exactly these prompts,
-    so a new run can pair with them instead of scoring no cache again."""
+    so a new run can pair with them instead of scoring no cache again. A run on the first N of the
+    stored prompts takes their first N verdicts (image i's seed is its index either way)."""
     import json
     from pathlib import Path
 
     data = json.loads(Path(path).read_text())
     none = next((r for r in data.get("rows", []) if r.get("policy", r.get("variant")) == "none"), None)
     same = (data.get("steps"), data.get("split", "test"), data.get("first_prompt", 0)) == (steps, split, first_prompt)
-    if none is None or not same or len(none["passed"]) != prompts:
+    if none is None or not same or len(none["passed"]) < prompts:
         raise SystemExit(f"{path}: needs a 'none' row scored on {split} prompts "
                          f"{first_prompt}..{first_prompt + prompts - 1} at {steps} steps")
-    return [int(c) for c in none["passed"]]
+    return [int(c) for c in none["passed"][:prompts]]
 
 
 def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25, on_result=None,
