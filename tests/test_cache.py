@@ -203,6 +203,14 @@ def test_schedule_json_round_trip(tmp_path):
     assert C.CacheSchedule.load(tagged.save(tmp_path / "t.json")).searched_on == "555cd74014"
     with pytest.raises(PixforgeError, match="searched_on must be a model hash"):
         C.CacheSchedule.from_dict({**tagged.to_dict(), "searched_on": 5})
+    assert loaded.guidance_scale is None and "guidance_scale" not in schedule.to_dict()
+    scaled = C.CacheSchedule.load(replace(schedule, guidance_scale=2.25).save(tmp_path / "g.json"))
+    assert scaled.guidance_scale == 2.25 and scaled == schedule  # metadata, not what it computes
+    assert C.schedule_guidance_scale(C.WithCfgCache(scaled, C.CfgCache(2))) == 2.25 == C.schedule_guidance_scale(C.Icc(scaled, 2))
+    assert C.schedule_guidance_scale(C.Fora(2)) is None and C.schedule_guidance_scale(None) is None
+    for bad in ("2.5", True, -1.0, float("nan")):
+        with pytest.raises(PixforgeError, match="guidance_scale"):
+            C.CacheSchedule.from_dict({**schedule.to_dict(), "guidance_scale": bad})
 
 
 def test_ecad_published_format_reads_and_writes(tmp_path):

@@ -189,8 +189,9 @@ def test_the_front_is_written_as_usable_schedules(tmp_path):
     assert schedule == front[0]["schedule"] and schedule.searched_on is None  # no model in this identity
     from pixforge.accel.ecad import write_front
 
-    write_front(tmp_path / "m", {"model": "abc123"}, front)
-    assert {CacheSchedule.load(f).searched_on for f in (tmp_path / "m" / "front").glob("*.json")} == {"abc123"}
+    write_front(tmp_path / "m", {"model": "abc123", "cfg": 2.25}, front)
+    written = [CacheSchedule.load(f) for f in (tmp_path / "m" / "front").glob("*.json")]
+    assert {(s.searched_on, s.guidance_scale) for s in written} == {("abc123", 2.25)}
 
 
 def test_search_cache_cli_on_a_tiny_pipeline(tmp_path, model_dir):

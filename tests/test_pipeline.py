@@ -466,6 +466,23 @@ def test_a_schedule_searched_on_other_weights_is_warned_about(pipe, caplog):
         assert len(hits) == (2 if warned else 0), origin
 
 
+def test_a_schedule_that_records_a_guidance_scale_is_generated_at_it_unless_one_is_given(pipe):
+    from dataclasses import replace
+
+    from pixforge.accel.cache import CfgCache, Fora, WithCfgCache
+
+    schedule = replace(Fora(2).schedule(STEPS, pipe.transformer.config.num_layers), guidance_scale=1.75)
+    assert pipe.guidance_scale != 1.75
+    own = generate(pipe, cache=schedule, seed=3)
+    assert own.metadata[0].cfg_scale == 1.75
+    assert np.array_equal(own.images, generate(pipe, cache=replace(schedule, guidance_scale=None), seed=3,
+                                                guidance_scale=1.75).images)
+    assert generate(pipe, cache=WithCfgCache(schedule, CfgCache(2))).metadata[0].cfg_scale == 1.75
+    given = generate(pipe, cache=schedule, guidance_scale=3.0)
+    assert given.metadata[0].cfg_scale == 3.0
+    assert generate(pipe, cache=replace(schedule, guidance_scale=None)).metadata[0].cfg_scale == pipe.guidance_scale
+
+
 def test_a_v_prediction_model_folder_round_trips_and_converts_to_eps(tmp_path):
     from pixforge.sampling import samplers as S
 

@@ -321,6 +321,19 @@ def test_a_models_named_schedules_are_valid_cache_specs_for_it_alone():
             check_cache(spec, plain)
 
 
+def test_a_request_without_guidance_takes_its_schedules_own_scale():
+    pytest.importorskip("pixforge.accel.cache")
+    from pixforge.accel.cache import Fora
+
+    from pixforge.serve.schemas import ModelInfo, default_guidance
+
+    scaled = dataclasses.replace(Fora(2).schedule(4, 2), guidance_scale=2.25)
+    model = ModelInfo(name="m", native_size=64, size_multiple=8, default_sampler="dpm++", default_guidance=4.5,
+                      model_hash="0", cache_supported=True, cache_schedules={"ecad": scaled, "plain": Fora(3).schedule(4, 2)})
+    assert default_guidance("ecad", model) == 2.25 == default_guidance("ecad+cfg-cache:2", model)
+    assert default_guidance("plain", model) == 4.5 == default_guidance(None, model) == default_guidance("fora:2", model)
+
+
 def test_a_valid_cache_spec_reaches_the_pipeline_and_jobs_with_it_batch_apart(pipe, monkeypatch):
     pytest.importorskip("pixforge.accel.cache")
     seen = []

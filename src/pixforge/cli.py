@@ -150,7 +150,7 @@ def generate_command(
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels (default: the model's native size)."),
     steps: int = typer.Option(None, "--steps", help="Denoising steps (default 20; 4 for lcm)."),
     sampler: str = typer.Option(None, "--sampler", help="dpm++ | ddim | euler | euler-a | lcm | a diffusers scheduler (default: the model's)."),
-    cfg: float = typer.Option(None, "--cfg", help="Classifier-free guidance scale (default 4.5; <= 1 turns it off)."),
+    cfg: float = typer.Option(None, "--cfg", help="Classifier-free guidance scale (default: the --cache schedule's own where it records one, else the model's: 4.5, the embedded model 2.5; <= 1 turns it off)."),
     seed: int = typer.Option(-1, "--seed", help="Seed of the first image; -1 picks one at random (printed)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt."),
     model: str = typer.Option(None, "--model", help="Model folder (diffusers PixArt pipeline or pixforge); default: the embedded model."),

@@ -70,6 +70,9 @@ class CacheSchedule:
     # The model hash (PixArtPipeline.model_hash) of the weights a search found it on, if any: a
     # searched schedule's measured accuracy holds for those weights only.
     searched_on: str | None = None
+    # The classifier-free guidance scale its accuracy was measured at (a search's --cfg): a
+    # generation that names no scale uses it. None: the model's default applies.
+    guidance_scale: float | None = None
 
     def __post_init__(self):
         compute = np.asarray(self.compute)
@@ -90,6 +93,12 @@ class CacheSchedule:
         if self.block_reuse not in BLOCK_REUSE:
             raise PixforgeError(f"block_reuse={self.block_reuse!r}; choose one of {BLOCK_REUSE}")
         object.__setattr__(self, "compute", compute)
+        scale = self.guidance_scale
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not math.isfinite(scale) \
+                    or scale < 0:
+                raise PixforgeError(f"cache schedule {self.name!r}: guidance_scale={scale!r} must be a finite number >= 0")
+            object.__setattr__(self, "guidance_scale", float(scale))
         rank = self.calibration_rank
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
             raise PixforgeError(f"cache schedule {self.name!r}: calibration_rank={rank!r} must be an int >= 0")
@@ -206,6 +215,8 @@ class CacheSchedule:
             data["calibration_rank"] = self.calibration_rank
         if self.searched_on:
             data["searched_on"] = self.searched_on
+        if self.guidance_scale is not None:
+            data["guidance_scale"] = self.guidance_scale
         return data
 
     @classmethod
@@ -242,9 +253,12 @@ class CacheSchedule:
         searched_on = data.get("searched_on")
         if searched_on is not None and not isinstance(searched_on, str):
             raise PixforgeError(f"{source}: searched_on must be a model hash string, got {searched_on!r}")
+        scale = data.get("guidance_scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise PixforgeError(f"{source}: guidance_scale must be a number, got {scale!r}")
         return cls(compute.astype(bool), name=str(data.get("name", "custom")),
                    block_reuse=str(data.get("block_reuse", "gated")), guidance=guidance, calibration_rank=rank,
-                   searched_on=searched_on)
+                   searched_on=searched_on, guidance_scale=scale)
 
     # --- JSON: ECAD's published format --------------------------------------------------------
     def to_ecad(self) -> dict:
@@ -1220,6 +1234,14 @@ def searched_schedule(policy) -> CacheSchedule | None:
     while isinstance(policy, (WithCfgCache, Icc)):
         policy = policy.policy
     return policy if isinstance(policy, CacheSchedule) and policy.searched_on else None
+
+
+def schedule_guidance_scale(policy) -> float | None:
+    """The guidance scale a schedule inside a policy (alone, +cfg-cache, +icc) was measured at, if
+    it records one: the scale a generation that names none uses."""
+    while isinstance(policy, (WithCfgCache, Icc)):
+        policy = policy.policy
+    return policy.guidance_scale if isinstance(policy, CacheSchedule) else None
 
 
 def policy_name(policy) -> str:

@@ -495,8 +495,9 @@ def write_front(out_dir: str | Path, identity: dict, front: list[dict], others: 
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, point in enumerate(front):
-        if identity.get("model"):  # the weights its quality was measured on
-            point = {**point, "schedule": replace(point["schedule"], searched_on=identity["model"])}
+        if identity.get("model"):  # the weights its quality was measured on, and the guidance scale
+            point = {**point, "schedule": replace(point["schedule"], searched_on=identity["model"],
+                                                  guidance_scale=identity.get("cfg"))}
         path = point["schedule"].save(folder / f"{i:02d}-q{point['quality']:.3f}-x{point['speedup_macs']:.2f}.json")
         entry = {k: v for k, v in point.items() if k != "schedule"}
         entry.update(file=str(path.relative_to(out_dir)), schedule=point["schedule"].to_dict())

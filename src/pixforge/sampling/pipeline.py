@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pixforge.accel.cache import (MODEL_SCHEDULES_DIR, load_model_schedules, parse_cache_spec, policy_name,
-                                  searched_schedule)
+                                  schedule_guidance_scale, searched_schedule)
 from pixforge.errors import CheckpointError, PixforgeError
 from pixforge.models.text import (
     PIXART_ALPHA_MAX_LENGTH,
@@ -485,7 +485,9 @@ class PixArtPipeline:
             patch size, unless `use_resolution_binning` generates at PixArt's nearest
             aspect-ratio bucket and resizes back.
         num_inference_steps: default 20 (4 for lcm). guidance_scale: CFG scale, default
-            4.5 (<= 1 runs no unconditional branch). sampler: 'dpm++' (default), 'ddim',
+            the cache schedule's own where it records one (a searched schedule: the scale it was
+            searched at), else the pipeline's (4.5, the embedded model 2.5); <= 1 runs no
+            unconditional branch. sampler: 'dpm++' (default), 'ddim',
             'euler', 'euler-a', 'lcm', a diffusers scheduler name, or a SamplerConfig;
             None uses the model folder's scheduler.
         seed: image i gets seed + i; None or -1 picks a random seed (in `.seeds`).
@@ -522,7 +524,12 @@ class PixArtPipeline:
             num_inference_steps = S.DEFAULT_STEPS.get(name, 20)
         most = config.original_inference_steps if isinstance(config, S.LCMConfig) else MAX_STEPS
         steps = _check_int("num_inference_steps", num_inference_steps, 1, most)
-        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        policy = parse_cache_spec(cache, self.teacache_coefficients, self.cache_schedules)
+        if guidance_scale is None:  # a searched schedule's own scale, else the pipeline's
+            schedule_scale = schedule_guidance_scale(policy)
+            guidance = self.guidance_scale if schedule_scale is None else schedule_scale
+        else:
+            guidance = guidance_scale
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
             raise PixforgeError(f"guidance_scale={guidance!r} is invalid: use a finite number >= 0 (<= 1 disables CFG)")
         guidance = float(guidance)
@@ -538,7 +545,6 @@ class PixArtPipeline:
         max_length = self.max_sequence_length if max_sequence_length is None else max_sequence_length
         total = len(prompts) * per_prompt
         seeds, generators = self._generators(seed, generator, total)
-        policy = parse_cache_spec(cache, self.teacache_coefficients, self.cache_schedules)
         searched = searched_schedule(policy)
         if searched is not None and searched.searched_on != self.model_hash:
             logger.warning("cache schedule %r was searched on model %s; these weights are %s, so its measured "

@@ -208,6 +208,18 @@ def cache_is_batch_safe(spec: str | None, model: ModelInfo) -> bool:
     return is_static(parse_cache_spec(spec, model.teacache_coefficients, model.cache_schedules))
 
 
+def default_guidance(spec: str | None, model: ModelInfo) -> float:
+    """The guidance scale of a request that names none: its cache schedule's own, where the
+    schedule records one (the scale it was searched at), else the model's."""
+    if spec is not None:
+        from pixforge.accel.cache import parse_cache_spec, schedule_guidance_scale
+
+        scale = schedule_guidance_scale(parse_cache_spec(spec, model.teacache_coefficients, model.cache_schedules))
+        if scale is not None:
+            return scale
+    return model.default_guidance
+
+
 def _seeds(seed: int | None, images: int) -> tuple[int, ...]:
     first = secrets.randbelow(RANDOM_SEED_BELOW) if seed is None else seed
     return tuple(first + i for i in range(images))
@@ -222,7 +234,7 @@ def _spec(ctx: RequestContext, model_name: str | None, prompt: str, negative: st
     key = BatchKey(
         width=width or side, height=height or side,
         steps=steps if steps is not None else model.default_steps(sampler, ctx.settings),
-        guidance=model.default_guidance if guidance is None else guidance,
+        guidance=default_guidance(cache, model) if guidance is None else guidance,
         sampler=sampler, cache=cache,
     )
     return JobSpec(model=model.name, key=key, prompts=(prompt,) * images, negatives=(negative,) * images,
