@@ -232,3 +232,28 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
     assert sorted(os.listdir(tmp_path / "t")) == ["config.json", "diffusion_pytorch_model.safetensors"]
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["_class_name"] == "PixArtTransformer2DModel"
+
+
+def test_skipped_init_builds_without_filling_and_restores_torch_init():
+    from pixforge.models.convert import skipped_init
+
+    marker = torch.full((3, 3), 7.0)
+    with skipped_init():
+        assert torch.nn.init.zeros_(marker) is marker and bool((marker == 7).all())  # left as it is
+        torch.nn.Linear(4, 4)  # builds (on torch.empty memory)
+    assert bool((torch.nn.init.zeros_(marker) == 0).all())  # restored
+    with pytest.raises(RuntimeError, match="inside"):
+        with skipped_init():
+            raise RuntimeError("inside")
+    assert bool((torch.nn.init.ones_(marker) == 1).all())  # restored after an error too
+
+
+def test_a_loaded_model_is_the_checkpoint_whatever_the_random_state(tmp_path):
+    """Loading skips the random init: every parameter must come from the file."""
+    model = random_model()
+    model.save_pretrained(tmp_path / "m")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        loaded = PixArtTransformer.from_pretrained(tmp_path / "m")
+        for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(a, b), name

@@ -88,17 +88,44 @@ def test_a_fixed_prompt_and_seed_give_the_same_png_bytes_twice(tmp_path):
 
 
 def test_generate_on_the_default_path_imports_neither_diffusers_nor_transformers(tmp_path):
+    # `main` leaves a successful generate with os._exit (no interpreter teardown): report there
     code = (
-        "import sys\n"
+        "import os, sys\n"
+        "real_exit = os._exit\n"
+        "def report(code):\n"
+        "    print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules), flush=True)\n"
+        "    real_exit(code)\n"
+        "os._exit = report\n"
         "from pixforge.cli import main\n"
         f"sys.argv = ['pixforge', 'generate', 'a yellow square', '--steps', '4', '-q', '-o', {str(tmp_path)!r}]\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as exit:\n"
-        "    assert not exit.code, exit.code\n"
-        "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n"
+        "main()\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert len(list(Path(tmp_path).glob("*.png"))) == 1
+
+
+def test_the_generate_command_as_a_process_writes_whole_pngs_and_exit_codes(tmp_path):
+    """The console entry point's fast exit must not cut off output: two runs of the same prompt
+    and seed give the same complete PNG and print its path and seed; bad input exits 2."""
+    from PIL import Image
+
+    def run(*args, out):
+        return subprocess.run([sys.executable, "-m", "pixforge.cli", "generate", "two blue circles", *args, "-q",
+                               "-o", str(out)], capture_output=True, text=True, timeout=300)
+
+    shots = []
+    for name in ("a", "b"):
+        done = run("--seed", "7", "--steps", "4", out=tmp_path / name)
+        assert done.returncode == 0, done.stderr
+        path = Path(done.stdout.splitlines()[0])
+        assert done.stdout.splitlines()[-1] == "seed: 7" and path.is_file()
+        with Image.open(path) as image:
+            image.load()  # the whole file decodes
+            assert image.size == (128, 128) and "Seed: 7" in image.info["parameters"]
+        shots.append(path.read_bytes())
+    assert shots[0] == shots[1]
+    bad = run("--steps", "0", out=tmp_path / "c")
+    assert bad.returncode == 2 and "error: num_inference_steps" in bad.stderr
+    assert not list(tmp_path.glob("c/*.png"))

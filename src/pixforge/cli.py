@@ -2,6 +2,8 @@
 so `pixforge --help` stays fast."""
 from __future__ import annotations
 
+import sys
+
 import typer
 
 app = typer.Typer(
@@ -195,6 +197,8 @@ def generate_command(
     for i, (image, info) in enumerate(zip(result.images, result.metadata)):
         typer.echo(str(save_png(image, folder / f"{first + i:05d}-{info.seed}.png", info)))
     typer.echo(f"seed: {result.seeds[0]}")
+    global _fast_exit
+    _fast_exit = True  # every PNG is written (atomically) and closed: nothing left for a teardown to do
 
 
 shapes_app = typer.Typer(help="The shapes world: export images, captions and GenEval prompt files.",
@@ -275,14 +279,34 @@ def _register_serve() -> None:
 _register_serve()
 
 
+# Set by a command whose process holds nothing that needs an orderly interpreter teardown (no
+# worker processes, no open files): `main` then leaves with os._exit once output is flushed.
+# Tearing down an interpreter with torch loaded costs ~0.35 s on the 2-core machine
+# (`python -c "import torch"` 1.93-2.22 s; with os._exit(0) 1.60-1.74 s), a tenth of a
+# `pixforge generate`. Only the console entry point does this, never an in-process call.
+_fast_exit = False
+
+
 def main() -> None:
     from pixforge.errors import PixforgeError
 
     try:
         app()
+        code = 0
     except PixforgeError as error:
         typer.echo(f"error: {error}", err=True)
-        raise SystemExit(2)
+        code = 2
+    except SystemExit as exit_:
+        code = exit_.code
+    if _fast_exit and (code is None or isinstance(code, int)):
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

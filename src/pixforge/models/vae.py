@@ -393,7 +393,10 @@ class AutoencoderKL(nn.Module):
             raise CheckpointError(f"{folder / CONFIG_NAME} is not valid JSON: {error}") from error
         if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise CheckpointError(f"{folder} holds a {raw['_class_name']}, not an AutoencoderKL")
-        model = cls(VAEConfig.from_dict(raw))
+        from pixforge.models.convert import skipped_init
+
+        with skipped_init():  # load_diffusers_state_dict below sets every parameter, strictly
+            model = cls(VAEConfig.from_dict(raw))
         if (folder / WEIGHTS_NAME).exists():
             state, _ = read_safetensors(folder / WEIGHTS_NAME)
         elif (folder / BIN_WEIGHTS_NAME).exists():
