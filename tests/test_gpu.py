@@ -43,7 +43,7 @@ def test_the_default_model_on_cuda_draws_what_the_cpu_draws(pipes, captions):
     assert a.shape == b.shape == (8, 128, 128, 3)
     difference = np.abs(a - b)
     print(f"CPU vs CUDA fp32: mean |Δ| {difference.mean():.2e}, max {difference.max():.2e}")
-    assert difference.mean() < 5e-3  # kernel rounding; other noise or weights would be ~0.1
+    assert difference.mean() < 1e-3  # kernel rounding (2.8e-5 on an H200); other noise or weights: ~0.1
 
 
 def test_a_cached_generation_on_cuda_spends_the_cpus_macs_and_draws_the_same(pipes, captions):
@@ -53,7 +53,7 @@ def test_a_cached_generation_on_cuda_spends_the_cpus_macs_and_draws_the_same(pip
     assert runs[1].metadata[0].cfg_scale == 2.25  # the schedule's own scale
     difference = np.abs(np.asarray(runs[0].images) - np.asarray(runs[1].images))
     print(f"CPU vs CUDA fp32, --cache ecad: mean |Δ| {difference.mean():.2e}")
-    assert difference.mean() < 5e-3
+    assert difference.mean() < 1e-3
 
 
 def test_bf16_on_cuda_generates_close_to_fp32(pipes, captions):
@@ -67,7 +67,7 @@ def test_bf16_on_cuda_generates_close_to_fp32(pipes, captions):
         gpu.set_precision("fp32")
     difference = np.abs(reference - half).mean()
     print(f"CUDA bf16 vs fp32: mean |Δ| {difference:.2e}")
-    assert np.isfinite(half).all() and difference < 0.05
+    assert np.isfinite(half).all() and difference < 5e-3  # 6.0e-4 on an H200
 
 
 def test_the_quality_function_checks_in_spawned_workers_beside_cuda(pipes):
