@@ -106,6 +106,28 @@ def test_generate_on_the_default_path_imports_neither_diffusers_nor_transformers
     assert len(list(Path(tmp_path).glob("*.png"))) == 1
 
 
+def test_only_the_command_main_runs_can_end_the_process_early(tmp_path, monkeypatch, capsys):
+    """An in-process generate (CliRunner, as tests and embedders call it) leaves the fast-exit flag
+    set; a later `main()` running another command must still exit normally (SystemExit), not
+    os._exit the caller's process."""
+    import os
+
+    from pixforge import cli
+
+    done = CliRunner().invoke(app, ["generate", "a yellow square", "--steps", "2", "-q", "-o", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert cli._fast_exit  # set by the command
+
+    def refuse(code):
+        raise AssertionError(f"os._exit({code}) from an in-process main()")
+
+    monkeypatch.setattr(os, "_exit", refuse)
+    monkeypatch.setattr(sys, "argv", ["pixforge", "generate", "a yellow square", "--steps", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2 and "error: num_inference_steps" in capsys.readouterr().err
+
+
 def test_the_generate_command_as_a_process_writes_whole_pngs_and_exit_codes(tmp_path):
     """The console entry point's fast exit must not cut off output: two runs of the same prompt
     and seed give the same complete PNG and print its path and seed; bad input exits 2."""

@@ -290,6 +290,8 @@ _fast_exit = False
 def main() -> None:
     from pixforge.errors import PixforgeError
 
+    global _fast_exit
+    _fast_exit = False  # only the command this call runs may set it (in-process CLI calls set it too)
     try:
         app()
         code = 0
