@@ -77,3 +77,26 @@ def test_devices_are_validated_with_a_clear_error(monkeypatch):
     assert precision.resolve_device("auto") == "cuda" and precision.resolve_device("CUDA:0") == "cuda:0"
     with pytest.raises(PixforgeError, match="has 1 CUDA GPU"):
         precision.resolve_device("cuda:1")
+
+
+def test_bench_lists_the_benchmarks_and_runs_one_with_its_own_arguments(tmp_path, monkeypatch):
+    listed = runner.invoke(app, ["bench"])
+    assert listed.exit_code == 0, listed.output
+    assert "cache " in listed.output and "generate_cli" in listed.output and "Feature caching" in listed.output
+    scripts = tmp_path / "benches"
+    scripts.mkdir()
+    (scripts / "helper.py").write_text("WORD = 'neighbour'\n")
+    (scripts / "echo.py").write_text(
+        '"""Echo the command line."""\nimport sys\nfrom helper import WORD\n'
+        'if __name__ == "__main__":\n    print(WORD, sys.argv[1:])\n    raise SystemExit(3)\n')
+    monkeypatch.setenv("PIXFORGE_BENCHMARKS", str(scripts))
+    listing = runner.invoke(app, ["bench", "--list"]).output
+    assert "echo" in listing and "Echo the command line." in listing and "helper" not in listing
+    ran = runner.invoke(app, ["bench", "echo", "--prompts", "3", "--help", "x"])
+    assert ran.exit_code == 3 and "neighbour ['--prompts', '3', '--help', 'x']" in ran.output  # passed through
+    unknown = runner.invoke(app, ["bench", "nosuch"])
+    assert isinstance(unknown.exception, PixforgeError) and "unknown benchmark 'nosuch'; choose one of" in str(
+        unknown.exception) and "echo" in str(unknown.exception)
+    monkeypatch.setenv("PIXFORGE_BENCHMARKS", str(tmp_path / "missing"))
+    missing = runner.invoke(app, ["bench"])
+    assert isinstance(missing.exception, PixforgeError) and "no benchmarks folder" in str(missing.exception)

@@ -251,6 +251,30 @@ def shapes_export_command(
         typer.echo(f"wrote {n} {split} samples to {path}")
 
 
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                         "help_option_names": []})
+def bench_command(ctx: typer.Context, name: str = typer.Argument(None)) -> None:
+    """Run a benchmark from benchmarks/ (no NAME: list them).
+
+    `pixforge bench NAME ARGS...` is `python benchmarks/NAME.py ARGS...`: each prints its ratios
+    against a baseline measured in the same run, median and spread. `pixforge bench NAME --help`
+    shows a benchmark's options.
+
+      pixforge bench generate_cli --repeats 5
+
+      pixforge bench cache --prompts 300 --repeats 3
+    """
+    from pixforge.eval.bench import benchmarks_dir, list_benchmarks, run_benchmark
+
+    folder = benchmarks_dir()
+    if name is None or name in ("--help", "-h", "--list"):
+        typer.echo(f"pixforge bench NAME [ARGS...]: the benchmarks in {folder}\n")
+        for script, line in list_benchmarks(folder).items():
+            typer.echo(f"  {script:<22} {line}")
+        return
+    run_benchmark(folder, name, list(ctx.args))
+
+
 def _register_train() -> None:
     from pixforge.train.cli import train_command
 

@@ -76,3 +76,61 @@ def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25, on_resu
             on_result(out)
         pending.append(checker.submit(out.images, [item.caption for item in chunk]))
     return [int(verdict) for verdicts in pending for verdict in verdicts()]
+
+
+BENCHMARKS_ENV = "PIXFORGE_BENCHMARKS"
+
+
+def benchmarks_dir():
+    """The benchmark scripts' folder: $PIXFORGE_BENCHMARKS, else `benchmarks/` of the source
+    checkout this package runs from (an editable install); a wheel does not ship them."""
+    import os
+    from pathlib import Path
+
+    from pixforge.errors import PixforgeError
+
+    given = os.environ.get(BENCHMARKS_ENV)
+    folder = Path(given) if given else Path(__file__).resolve().parents[3] / "benchmarks"
+    if not folder.is_dir():
+        raise PixforgeError(
+            f"no benchmarks folder at {folder}: the benchmarks live in the source checkout (git clone, then "
+            f"pip install -e .), or set {BENCHMARKS_ENV}=DIR to the folder")
+    return folder
+
+
+def list_benchmarks(folder) -> dict[str, str]:
+    """name -> the first line of its docstring, for every script in the folder (a .py file with a
+    `__main__` block; helpers it imports are not listed)."""
+    import ast
+    import re
+
+    out = {}
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if path.name.startswith("_") or not re.search(r"__name__\s*==\s*[\"']__main__[\"']", text):
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        out[path.stem] = doc.strip().splitlines()[0] if doc.strip() else ""
+    return out
+
+
+def run_benchmark(folder, name: str, args: list[str]) -> None:
+    """Run benchmarks/NAME.py in this process with `args` as its command line (its own argparse
+    reads them; its SystemExit is the caller's)."""
+    import runpy
+    import sys
+
+    from pixforge.errors import PixforgeError
+
+    scripts = list_benchmarks(folder)
+    if name not in scripts:
+        raise PixforgeError(f"unknown benchmark {name!r}; choose one of {', '.join(scripts)}")
+    script = folder / f"{name}.py"
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [str(script), *args]
+    sys.path.insert(0, str(folder))  # scripts import their neighbours (position_probe, ...)
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
