@@ -329,8 +329,11 @@ def main() -> None:
         import os
 
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that went away (`| head -1`), a closed stream
+                pass
         os._exit(code or 0)
     raise SystemExit(code)
 
