@@ -1229,19 +1229,24 @@ def is_static(policy) -> bool:
     return isinstance(policy, (CacheSchedule, Fora, DeltaDiT, LateDense, CfgCache, Icc))
 
 
-def searched_schedule(policy) -> CacheSchedule | None:
-    """The searched schedule inside a policy (alone, +cfg-cache, +icc), if it records its model."""
+def inner_schedule(policy) -> CacheSchedule | None:
+    """The schedule a policy runs, alone or under +cfg-cache / +icc; None for other policies."""
     while isinstance(policy, (WithCfgCache, Icc)):
         policy = policy.policy
-    return policy if isinstance(policy, CacheSchedule) and policy.searched_on else None
+    return policy if isinstance(policy, CacheSchedule) else None
+
+
+def searched_schedule(policy) -> CacheSchedule | None:
+    """The searched schedule inside a policy (alone, +cfg-cache, +icc), if it records its model."""
+    schedule = inner_schedule(policy)
+    return schedule if schedule is not None and schedule.searched_on else None
 
 
 def schedule_guidance_scale(policy) -> float | None:
     """The guidance scale a schedule inside a policy (alone, +cfg-cache, +icc) was measured at, if
     it records one: the scale a generation that names none uses."""
-    while isinstance(policy, (WithCfgCache, Icc)):
-        policy = policy.policy
-    return policy.guidance_scale if isinstance(policy, CacheSchedule) else None
+    schedule = inner_schedule(policy)
+    return None if schedule is None else schedule.guidance_scale
 
 
 def policy_name(policy) -> str:

@@ -201,20 +201,22 @@ def rescore_cache_command(
 
     deadline = time.time() + 60 * time_budget if time_budget else None
 
-    def evaluated(source: str) -> list:
+    def evaluated(source: str, identity: dict | None) -> list:
         """A search folder's evaluated schedules, or a re-scoring's other scored candidates; none for a
-        schedule file."""
+        schedule file (no identity)."""
         folder = Path(source) if Path(source).is_dir() else Path(source).parent
-        if search_identity(source) is not None and (folder / STATE_FILE).is_file():
+        if identity is not None and (folder / STATE_FILE).is_file():
             return evaluated_points(folder)
-        others = scored_points(source) if search_identity(source) is not None else []
+        others = scored_points(source) if identity is not None else []
         if not others:
             typer.echo(f"{source}: no search state beside it and no other scored points; --top takes nothing "
                        f"more from it", err=True)
         return others
 
     # (front points, more evaluated points, identity) per source; bad files fail first
-    loaded = [(front_points(source), evaluated(source) if top else [], search_identity(source)) for source in sources]
+    identities = [search_identity(source) for source in sources]
+    loaded = [(front_points(source), evaluated(source, identity) if top else [], identity)
+              for source, identity in zip(sources, identities)]
     for source, (_, _, identity) in zip(sources, loaded):  # fresh means none of them selected on these prompts
         if identity and "prompts" in identity:
             start = int(identity.get("first_prompt", 0))

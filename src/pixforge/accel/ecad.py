@@ -156,12 +156,17 @@ def front_points(path: str | Path) -> list[tuple[CacheSchedule, float | None]]:
     try:
         if "front" not in data:
             return [(CacheSchedule.load(path), None)]
-        entries = data["front"]
-        ranked = sorted(entries, key=lambda e: -float(e["quality"]))
-        return [(CacheSchedule.from_dict(e["schedule"], source=f"{path}: {e.get('file', 'point')}"), float(e["quality"]))
-                for e in ranked]
+        return _ranked_points(data["front"], path)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise PixforgeError(f"{path}: not an ECAD pareto.json ({error!r})") from error
+
+
+def _ranked_points(entries: list[dict], path: Path, label: str = "point") -> list[tuple[CacheSchedule, float]]:
+    """(schedule, quality) of pareto.json entries, best quality first (errors name the entry's file,
+    else `label`)."""
+    ranked = sorted(entries, key=lambda e: -float(e["quality"]))
+    return [(CacheSchedule.from_dict(e["schedule"], source=f"{path}: {e.get('file', label)}"), float(e["quality"]))
+            for e in ranked]
 
 
 class ScheduleSearch:
@@ -451,8 +456,7 @@ def scored_points(path: str | Path) -> list[tuple[CacheSchedule, float]]:
     candidates), best quality first; none for a file without them."""
     path, data = _front_file(path)
     try:
-        others = sorted(data.get("others", []), key=lambda e: -float(e["quality"]))
-        return [(CacheSchedule.from_dict(e["schedule"], source=f"{path}: others"), float(e["quality"])) for e in others]
+        return _ranked_points(data.get("others", []), path, "others")
     except (KeyError, TypeError, ValueError) as error:
         raise PixforgeError(f"{path}: bad 'others' entry ({error!r})") from error
 
