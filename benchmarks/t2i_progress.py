@@ -45,7 +45,8 @@ def load(path: str, max_text_tokens: int, device: str = "cpu", vae_override: str
     return pipe, None
 
 
-def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16, fid: bool = False) -> dict:
+def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16, fid: bool = False,
+             layout: str | None = None) -> dict:
     plain, para = WorldConfig(), WorldConfig(paraphrase=True)
     items = [sample(i, "test", para if (i * 0.6180339887498949) % 1.0 < paraphrased else plain) for i in range(n)]
     stats = defaultdict(lambda: [0, 0])
@@ -55,7 +56,7 @@ def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: in
     for first in range(0, n, batch):
         chunk = items[first:first + batch]
         result = pipe([item.caption for item in chunk], height=128, width=128, num_inference_steps=steps,
-                      guidance_scale=cfg, seed=first, progress=False)
+                      guidance_scale=cfg, seed=first, progress=False, layout=layout)
         for item, image in zip(chunk, result.images):
             if fid:
                 generated.append(image)
@@ -90,13 +91,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--vae", default=None, help="decode with this VAE folder instead of the model's")
     parser.add_argument("--batch", type=int, default=16, help="prompts per generation call")
+    parser.add_argument("--layout", default=None, help="regional prompting: auto | none (docs/generation.md)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     pipe, step = load(args.path, args.max_text_tokens, args.device, args.vae)
     if args.cfg is None:
         args.cfg = pipe.guidance_scale
-    result = evaluate(pipe, args.n, args.paraphrased, args.cfg, args.steps, batch=args.batch, fid=args.fid)
+    result = evaluate(pipe, args.n, args.paraphrased, args.cfg, args.steps, batch=args.batch, fid=args.fid,
+                      layout=args.layout)
     result["step"] = step
+    result["layout"] = args.layout or "none"
     where = f" (step {step})" if step is not None else ""
     print(f"{args.path}{where}: {100 * result['overall']:.1f}% of {result['n']} prompts pass "
           f"({result['seconds']:.0f} s, cfg {args.cfg})")

@@ -161,6 +161,7 @@ def generate_command(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (a GPU where one is visible)."),
     binning: bool = typer.Option(False, "--bin/--no-bin", help="Generate at PixArt's nearest aspect-ratio bucket, resize to --size."),
     cache: str = typer.Option("none", "--cache", help="Feature caching across steps: fora:N | delta-dit:... | toca:... | teacache:T | first-block:T | late-dense:F | cfg-cache:N | schedule.json | a schedule the model ships (the default model: ecad, ecad-fast), and POLICY+cfg-cache:N, POLICY+icc:R (docs/acceleration.md)."),
+    layout: str = typer.Option("none", "--layout", help="Regional prompting for the first 60% of the steps: auto (a spatial relation in the prompt, 'A left of B', 'A above B', ... -> each object prompted in its half) | none (docs/generation.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate images from a prompt; write PNGs with their settings embedded (A1111 'parameters').
@@ -176,6 +177,8 @@ def generate_command(
       pixforge generate "two green squares" --cache fora:2
       pixforge generate "two green squares" --cache ecad
 
+      pixforge generate "a red circle to the left of a blue square" --layout auto
+
       pixforge generate "a cat" --model PixArt-Sigma-XL-2-1024-MS --device cuda --precision bf16
     """
     from pathlib import Path
@@ -188,7 +191,7 @@ def generate_command(
     result = pipe(
         prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
         guidance_scale=cfg, sampler=sampler, seed=seed, num_images_per_prompt=num_images, progress=not quiet,
-        use_resolution_binning=binning, cache=cache,
+        use_resolution_binning=binning, cache=cache, layout=layout,
     )
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

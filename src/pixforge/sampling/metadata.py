@@ -42,6 +42,7 @@ class GenerationInfo:
     model_name: str
     model_hash: str
     cache: str = "none"  # feature-cache policy (pixforge.accel.cache spec)
+    layout: str = "none"  # regional prompting (pixforge.sampling.regions.Layout.describe)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +60,8 @@ class GenerationInfo:
         ]
         if self.cache != "none":
             fields.append(("Cache", self.cache))
+        if self.layout != "none":
+            fields.append(("Layout", self.layout))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(NEGATIVE_PREFIX + self.negative_prompt)
@@ -96,6 +99,7 @@ class GenerationInfo:
             model_name=settings.get("Model", ""),
             model_hash=settings.get("Model hash", ""),
             cache=settings.get("Cache", "none"),
+            layout=settings.get("Layout", "none"),
         )
 
 

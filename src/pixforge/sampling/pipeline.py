@@ -43,6 +43,7 @@ from pixforge.models.transformer import PixArtTransformer, TextContext
 from pixforge.models.vae import AutoencoderKL
 from pixforge.sampling import samplers as S
 from pixforge.sampling.metadata import GenerationInfo
+from pixforge.sampling.regions import Layout, box_mask, compose, resolve_layouts
 from pixforge.sampling.sizes import MAX_SIDE, bins_for, check_size, nearest_bin, resize_and_crop
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,80 @@ def guided_model_fn(
         return eps
 
     return model_fn
+
+
+def regional_model_fn(
+    plain_fn: S.ModelFn,
+    all_fn: S.ModelFn,
+    masks: torch.Tensor,
+    regional_steps: list[int],
+    guidance_scale: float,
+    timesteps: torch.Tensor | None = None,
+) -> S.ModelFn:
+    """ε(x, t) with a layout: while a row is in its first `regional_steps[row]` steps, its
+    conditional ε is composed region-wise (`regions.compose`), then guided; afterwards, and
+    for every row once all are past their regional steps, `plain_fn`.
+
+    `all_fn` predicts every row of [uncond (with guidance), prompt, region 0, ..., region R-1]
+    (B rows each) in one forward; masks (R, B, 1, h, w). Steps are counted by timestep when the
+    sampler's timesteps are known (2nd-order samplers call twice per step), else by call.
+    """
+    guided = guidance_scale > 1.0
+    copies = (2 if guided else 1) + masks.shape[0]
+    last = max(regional_steps)
+    step_of = {} if timesteps is None else {float(t): i for i, t in enumerate(timesteps.reshape(-1).tolist())}
+    counter = {"calls": 0, "step": 0}
+    limits = torch.tensor(regional_steps, device=masks.device)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if step_of and t.ndim == 0:
+            counter["step"] = step_of.get(float(t), counter["step"])
+        else:
+            counter["step"] = counter["calls"]
+        counter["calls"] += 1
+        step = counter["step"]
+        if step >= last:
+            return plain_fn(x, t)
+        parts = all_fn(torch.cat([x] * copies), t).chunk(copies)
+        live = masks * (step < limits).to(masks.dtype)[None, :, None, None, None]  # rows past their steps: plain
+        first_region = 2 if guided else 1
+        cond = compose(parts[first_region - 1], torch.stack(parts[first_region:]), live)
+        return S.cfg_combine(parts[0], cond, guidance_scale) if guided else cond
+
+    return model_fn
+
+
+def prepare_layout(
+    pipe: "PixArtPipeline",
+    layouts: list[Layout | None],
+    prompts: list[str],
+    context: TextContext,
+    per_prompt: int,
+    steps: int,
+    latent_hw: tuple[int, int],
+    max_length: int,
+) -> tuple[TextContext, torch.Tensor, list[int]]:
+    """Region prompts encoded after `context`'s rows → (all rows' context, masks (R, B, 1, h, w),
+    regional steps per image row). A prompt without a layout gets zero masks (its own prompt
+    stands in for the missing regions)."""
+    count = max(len(layout.regions) for layout in layouts if layout is not None)
+    texts = [
+        layout.regions[r].prompt if layout is not None and r < len(layout.regions) else prompt
+        for r in range(count)
+        for prompt, layout in zip(prompts, layouts)
+    ]
+    text = encode_prompts(pipe.text_encoder, texts, None, max_length).to(pipe.device)
+    regions = repeat_text_context(pipe.transformer.prepare_text(text.embeds, text.mask), per_prompt)
+    kv = [(torch.cat([k, rk]), torch.cat([v, rv])) for (k, v), (rk, rv) in zip(context.kv, regions.kv)]
+    bias = None if context.bias is None else torch.cat([context.bias, regions.bias])
+    height, width = latent_hw
+    masks = torch.zeros(count, len(prompts), 1, height, width)
+    for i, layout in enumerate(layouts):
+        for r, region in enumerate(() if layout is None else layout.regions):
+            masks[r, i, 0] = box_mask(region.box, height, width)
+    masks = masks.repeat_interleave(per_prompt, dim=1).to(pipe.device)
+    regional_steps = [0 if layout is None else layout.regional_steps(steps) for layout in layouts]
+    return TextContext(kv=kv, bias=bias), masks, [n for n in regional_steps for _ in range(per_prompt)]
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
@@ -477,6 +552,7 @@ class PixArtPipeline:
         max_sequence_length: int | None = None,
         free_text_encoder: bool = False,
         cache=None,
+        layout=None,
     ) -> GenerationResult:
         """Generate images.
 
@@ -499,6 +575,9 @@ class PixArtPipeline:
         cache: feature caching across steps — a spec ('fora:3', 'delta-dit:...', 'toca:...',
             'teacache:0.1', 'first-block:0.05', 'late-dense:0.4'), a schedule JSON path or dict (ours or
             ECAD's), or a policy object; None = compute everything (see docs/acceleration.md).
+        layout: regional prompting for the first steps (`pixforge.sampling.regions`): 'auto'
+            (a spatial relation in the prompt → two halves), a Layout of (prompt, box) regions,
+            or one per prompt; None = plain. Not combinable with `cache` (docs/generation.md).
         """
         # 1. Check everything before any work.
         prompts = _as_prompt_list("prompt", prompt)
@@ -549,6 +628,9 @@ class PixArtPipeline:
         if searched is not None and searched.searched_on != self.model_hash:
             logger.warning("cache schedule %r was searched on model %s; these weights are %s, so its measured "
                            "accuracy does not carry over", searched.name, searched.searched_on, self.model_hash)
+        layouts = resolve_layouts(layout, prompts)
+        if layouts is not None and policy is not None:
+            raise PixforgeError("layout and cache cannot be combined: regional prompting needs every step computed")
         cache_run = None if policy is None else policy.start(steps, self.transformer.config.num_layers)
         if precision is not None:
             self.set_precision(precision)
@@ -575,6 +657,21 @@ class PixArtPipeline:
                 self.transformer, context, guidance, channels, resolution, aspect_ratio, cache_run,
                 self.prediction_type, self.schedule, None if plan is None else plan.timesteps,
             )
+            if layouts is not None:
+                all_context, masks, regional_steps = prepare_layout(
+                    self, layouts, prompts, context, per_prompt, steps, shape[-2:], max_length
+                )
+                rows = all_context.batch_size
+                all_resolution = all_aspect = None
+                if self.transformer.config.uses_micro_conditions:
+                    all_resolution, all_aspect = micro_conditions(height, width, rows, self.device)
+                all_fn = guided_model_fn(
+                    self.transformer, all_context, 1.0, channels, all_resolution, all_aspect, None,
+                    self.prediction_type, self.schedule, None if plan is None else plan.timesteps,
+                )
+                model_fn = regional_model_fn(
+                    model_fn, all_fn, masks, regional_steps, guidance, None if plan is None else plan.timesteps
+                )
 
             # 4. Denoise.
             bar = None
@@ -615,6 +712,8 @@ class PixArtPipeline:
                 prompt=prompts[i // per_prompt], negative_prompt=negatives[i // per_prompt], steps=steps,
                 sampler=name, cfg_scale=guidance, seed=seeds[i], width=out_width, height=out_height,
                 model_name=self.model_name, model_hash=model_hash, cache=policy_name(policy),
+                layout="none" if layouts is None or layouts[i // per_prompt] is None
+                else layouts[i // per_prompt].describe(),
             )
             for i in range(total)
         ]
