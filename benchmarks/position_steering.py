@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from position_probe import shown_relation  # benchmarks/ is the script's folder
+
 from pixforge.eval.shapes import detect, relation_holds
 from pixforge.models.transformer import TextContext
 from pixforge.sampling import samplers as S
@@ -178,18 +180,6 @@ class Batch:
             scores.append((caption - composed).pow(2).flatten(1).sum(1))
         best = torch.stack(scores).argmin(0)
         return torch.stack([candidates[int(best[i])][i] for i in range(len(best))])
-
-
-def shown_relation(found, spec: CaptionSpec):
-    first, second = spec.groups
-    a = [o for o in found if (o.color, o.shape) == (first.color, first.shape)]
-    b = [o for o in found if (o.color, o.shape) == (second.color, second.shape)]
-    if len(a) != 1 or len(b) != 1:
-        return "missing", None
-    dx, dy = a[0].center[0] - b[0].center[0], a[0].center[1] - b[0].center[1]
-    if abs(dx) >= abs(dy):
-        return ("left of" if dx < 0 else "right of"), (a[0], b[0])
-    return ("above" if dy < 0 else "below"), (a[0], b[0])
 
 
 def run_arm(pipe, arm: dict, n: int, cfg: float, batch: int = 16) -> dict:

@@ -15,6 +15,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "position_steering
 
 @pytest.fixture(scope="module")
 def steering():
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run as a script: it imports position_probe
     spec = importlib.util.spec_from_file_location("position_steering", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -819,3 +819,20 @@ def test_importing_pixforge_and_its_cli_does_not_import_fastapi():
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
     assert "serve" in runner.invoke(__import__("pixforge.cli", fromlist=["app"]).app, ["--help"]).output
+
+
+def test_layout_auto_reaches_the_pipeline_is_recorded_and_bad_layouts_are_refused(pipe):
+    relation = "a red circle to the left of a blue square"
+    with serving(pipe) as client:
+        assert service_of(client).info.describe(SETTINGS)["layout_supported"] is True
+        response = client.post(OPENAI, json={"prompt": relation, "layout": "auto", "seed": 3, **FAST})
+        assert response.status_code == 200
+        info = png_info(response.json()["data"][0]["b64_json"])
+        assert info.layout.startswith("a red circle@0,0,0.5,1; a blue square@0.5,0,1,1")
+        plain = client.post(OPENAI, json={"prompt": relation, "layout": "none", "seed": 3, **FAST})
+        assert png_info(plain.json()["data"][0]["b64_json"]).layout == "none"
+        a1111 = client.post(A1111, json={"prompt": relation, "layout": "auto", **FAST_A1111})
+        assert a1111.status_code == 200 and a1111.json()["parameters"]["layout"] == "auto"
+        for body in ({"layout": "grid"}, {"layout": "auto", "cache": "fora:2"}, {"layout": 3}):
+            refused = client.post(OPENAI, json={"prompt": relation, **FAST, **body})
+            assert refused.status_code == 422 and refused.json()["error"]["param"] == "layout", body

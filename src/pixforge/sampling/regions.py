@@ -26,28 +26,19 @@ from dataclasses import dataclass
 import torch
 
 from pixforge.errors import PixforgeError
+from pixforge.relations import find_relation
 
 DEFAULT_FRACTION = 0.6  # of the sampling steps: 12 of 20 measured best (docs/generation.md)
 
-# Longest phrases first; each maps to the side of the image the *subject* takes.
-_RELATIONS = [
-    (re.compile(r"\b(?:is\s+|are\s+)?(?:to|on)\s+the\s+left\s+(?:side\s+)?of\b"), "left"),
-    (re.compile(r"\b(?:is\s+|are\s+)?(?:to|on)\s+the\s+right\s+(?:side\s+)?of\b"), "right"),
-    (re.compile(r"\b(?:is\s+|are\s+)?left\s+of\b"), "left"),
-    (re.compile(r"\b(?:is\s+|are\s+)?right\s+of\b"), "right"),
-    (re.compile(r"\b(?:is\s+|are\s+)?on\s+top\s+of\b"), "top"),
-    (re.compile(r"\b(?:is\s+|are\s+)?(?:above|over)\b"), "top"),
-    (re.compile(r"\b(?:is\s+|are\s+)?(?:below|under|underneath|beneath)\b"), "bottom"),
-]
 # A trailing scene phrase shared by both objects: ", on a gray background", "against black".
 _BACKGROUND_TAIL = re.compile(
     r"[,;]?\s+(?:on|against|with|over|in\s+front\s+of)\s+(?:(?:a|an|the)\s+)?[\w-]+(?:\s+background)?\s*\.?\s*$"
 )
-_HALVES = {  # (subject box, object box) as (left, top, right, bottom) fractions
-    "left": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)),
-    "right": ((0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 1.0)),
-    "top": ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)),
-    "bottom": ((0.0, 0.5, 1.0, 1.0), (0.0, 0.0, 1.0, 0.5)),
+_HALVES = {  # relation -> (subject box, object box) as (left, top, right, bottom) fractions
+    "left of": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)),
+    "right of": ((0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 1.0)),
+    "above": ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)),
+    "below": ((0.0, 0.5, 1.0, 1.0), (0.0, 0.0, 1.0, 0.5)),
 }
 
 
@@ -105,17 +96,15 @@ def auto_layout(prompt: str, fraction: float = DEFAULT_FRACTION) -> Layout | Non
     tail = _BACKGROUND_TAIL.search(text)
     context = text[tail.start():].rstrip(" .") if tail else ""
     body = text[: tail.start()] if tail else text.rstrip(" .")
-    lowered = body.lower()
-    for pattern, side in _RELATIONS:
-        match = pattern.search(lowered)
-        if match is None:
-            continue
-        subject, obj = body[: match.start()].strip(" ,"), body[match.end():].strip(" ,")
-        if not subject or not obj:
-            return None
-        boxes = _HALVES[side]
-        return Layout((Region(subject + context, boxes[0]), Region(obj + context, boxes[1])), fraction)
-    return None
+    found = find_relation(body.lower())
+    if found is None:
+        return None
+    match, relation = found
+    subject, obj = body[: match.start()].strip(" ,"), body[match.end():].strip(" ,")
+    if not subject or not obj:
+        return None
+    boxes = _HALVES[relation]
+    return Layout((Region(subject + context, boxes[0]), Region(obj + context, boxes[1])), fraction)
 
 
 def resolve_layouts(layout, prompts: list[str]) -> list[Layout | None] | None:

@@ -91,10 +91,12 @@ class ModelService:
     def __init__(self, name: str, pipe: PixArtPipeline, settings: ServeSettings, metrics: Metrics):
         self.pipe = pipe
         self.cache_supported = "cache" in inspect.signature(pipe.__call__).parameters
+        layout_supported = "layout" in inspect.signature(pipe.__call__).parameters
         self.info = ModelInfo(
             name=name, native_size=pipe.native_size, size_multiple=pipe.size_multiple,
             default_sampler=sampler_name(pipe.sampler), default_guidance=float(pipe.guidance_scale),
             model_hash=pipe.model_hash, cache_supported=self.cache_supported,
+            layout_supported=layout_supported,
             teacache_coefficients=getattr(pipe, "teacache_coefficients", None),
             cache_schedules=getattr(pipe, "cache_schedules", None),
         )
@@ -110,6 +112,8 @@ class ModelService:
         # The model's own sampler config (its folder's scheduler settings) when it is the one asked for.
         sampler = None if key.sampler == self.info.default_sampler else key.sampler
         cache = {"cache": key.cache} if key.cache is not None and self.cache_supported else {}
+        if key.layout is not None:
+            cache["layout"] = key.layout
         result = self.pipe(
             prompts, negative_prompt=negatives, height=key.height, width=key.width, num_inference_steps=key.steps,
             guidance_scale=key.guidance, sampler=sampler, generator=generators, output_type="pil", progress=False,
@@ -286,14 +290,15 @@ def create_app(pipe: PixArtPipeline | Mapping[str, PixArtPipeline], settings: Se
         first, key = infos[0], spec.key
         parameters = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "width": key.width,
                       "height": key.height, "sampler_name": first.sampler, "steps": key.steps, "cfg_scale": key.guidance,
-                      "batch_size": body.batch_size, "n_iter": body.n_iter, "seed": body.seed, "cache": key.cache or "none"}
+                      "batch_size": body.batch_size, "n_iter": body.n_iter, "seed": body.seed, "cache": key.cache or "none",
+                      "layout": key.layout or "none"}
         info = {
             "prompt": body.prompt, "all_prompts": [i.prompt for i in infos],
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [i.negative_prompt for i in infos],
             "seed": first.seed, "all_seeds": [i.seed for i in infos], "steps": key.steps, "cfg_scale": key.guidance,
             "width": key.width, "height": key.height, "sampler_name": first.sampler, "batch_size": body.batch_size,
             "n_iter": body.n_iter, "sd_model_name": first.model_name, "sd_model_hash": first.model_hash,
-            "cache": key.cache or "none", "infotexts": [i.to_parameters() for i in infos], "job_id": job.id,
+            "cache": key.cache or "none", "layout": key.layout or "none", "infotexts": [i.to_parameters() for i in infos], "job_id": job.id,
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "ignored_fields": body.ignored_fields(),
         }
         return JSONResponse({"images": [b64 for b64, _ in encoded], "parameters": parameters, "info": json.dumps(info)},

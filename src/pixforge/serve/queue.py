@@ -71,6 +71,7 @@ class BatchKey:
     guidance: float
     sampler: str
     cache: str | None
+    layout: str | None = None  # "auto" (regional prompting) or None
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class ModelInfo:
     default_guidance: float
     model_hash: str
     cache_supported: bool  # the pipeline's __call__ takes `cache=`
+    layout_supported: bool = False  # the pipeline's __call__ takes `layout=`
     teacache_coefficients: tuple[float, ...] | None = None
     cache_schedules: dict | None = field(default=None, compare=False)  # the model's named schedules
 
@@ -79,6 +80,7 @@ class ModelInfo:
             "default_steps": self.default_steps(self.default_sampler, settings),
             "default_guidance": self.default_guidance,
             "cache_supported": self.cache_supported,
+            "layout_supported": self.layout_supported,
             "model_hash": self.model_hash,
             "limits": {"max_side": min(settings.max_side, MAX_SIDE), "max_steps": settings.max_steps,
                        "max_images": settings.max_images, "max_guidance": settings.max_guidance,
@@ -200,6 +202,19 @@ def check_cache(value: str | None, model: ModelInfo) -> str | None:
     return text
 
 
+def check_layout(value: str | None, info) -> str | None:
+    """'auto' (regional prompting from a spatial relation in the prompt) or 'none'/None; not with a cache."""
+    if value is None or value == "none":
+        return None
+    if value != "auto":
+        raise _fail("bad_layout", f"layout {value[:40]!r} is unknown: use 'auto' or 'none'")
+    if info.data.get("cache") not in (None, "none"):
+        raise _fail("bad_layout", "layout and cache cannot be combined: regional prompting needs every step computed")
+    if not _model_info(info).layout_supported:
+        raise _fail("bad_layout", f"model {_model_info(info).name!r}'s pipeline takes no layout; use 'none'")
+    return value
+
+
 def cache_is_batch_safe(spec: str | None, model: ModelInfo) -> bool:
     if spec is None:
         return True
@@ -227,7 +242,7 @@ def _seeds(seed: int | None, images: int) -> tuple[int, ...]:
 
 def _spec(ctx: RequestContext, model_name: str | None, prompt: str, negative: str, images: int, width: int | None,
           height: int | None, steps: int | None, guidance: float | None, sampler: str | None, seed: int | None,
-          cache: str | None, job_id: str | None) -> JobSpec:
+          cache: str | None, job_id: str | None, layout: str | None = None) -> JobSpec:
     model = ctx.models[model_name or ctx.default_model]
     sampler = sampler or model.default_sampler
     side = model.default_side(ctx.settings)
@@ -235,7 +250,7 @@ def _spec(ctx: RequestContext, model_name: str | None, prompt: str, negative: st
         width=width or side, height=height or side,
         steps=steps if steps is not None else model.default_steps(sampler, ctx.settings),
         guidance=default_guidance(cache, model) if guidance is None else guidance,
-        sampler=sampler, cache=cache,
+        sampler=sampler, cache=cache, layout=layout,
     )
     return JobSpec(model=model.name, key=key, prompts=(prompt,) * images, negatives=(negative,) * images,
                    seeds=_seeds(seed, images), batchable=cache_is_batch_safe(cache, model), job_id=job_id)
@@ -258,6 +273,7 @@ class ImagesRequest(BaseModel):
     guidance: float | None = None
     seed: int | None = None
     cache: str | None = None
+    layout: str | None = None
     # Accepted from OpenAI clients and ignored: they select DALL-E features.
     quality: str | None = None
     style: str | None = None
@@ -335,10 +351,15 @@ class ImagesRequest(BaseModel):
     def _cache(cls, value, info):
         return check_cache(value, _model_info(info))
 
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, value, info):
+        return check_layout(value, info)
+
     def to_job_spec(self, ctx: RequestContext) -> JobSpec:
         width, height = (int(side) for side in self.size.split("x")) if self.size else (None, None)
         return _spec(ctx, self.model, self.prompt, self.negative_prompt, self.n, width, height, self.steps,
-                     self.guidance, self.sampler, self.seed, self.cache, None)
+                     self.guidance, self.sampler, self.seed, self.cache, None, self.layout)
 
 
 # ----------------------------------------------------------------------------- A1111
@@ -362,6 +383,7 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = 1
     seed: int = -1
     cache: str | None = None
+    layout: str | None = None
     force_task_id: str | None = None  # A1111's name: the job id, chosen by the client to poll progress
 
     @field_validator("prompt", "negative_prompt")
@@ -418,6 +440,11 @@ class Txt2ImgRequest(BaseModel):
     def _cache(cls, value, info):
         return check_cache(value, _model_info(info))
 
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, value, info):
+        return check_layout(value, info)
+
     @field_validator("force_task_id")
     @classmethod
     def _task_id(cls, value):
@@ -435,7 +462,7 @@ class Txt2ImgRequest(BaseModel):
     def to_job_spec(self, ctx: RequestContext) -> JobSpec:
         seed = None if self.seed == -1 else self.seed
         return _spec(ctx, None, self.prompt, self.negative_prompt, self.images, self.width, self.height, self.steps,
-                     self.cfg_scale, self.sampler_name, seed, self.cache, self.force_task_id)
+                     self.cfg_scale, self.sampler_name, seed, self.cache, self.force_task_id, self.layout)
 
 
 def error_list(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:

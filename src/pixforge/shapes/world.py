@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pixforge.errors import PixforgeError
+from pixforge.relations import find_relation
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 38, 38),
@@ -441,15 +442,6 @@ _BACKGROUND_PATTERN = re.compile(
     r"[,;]?\s*(?:\b(?:on|against|with|over)\s+)?(?:\b(?:a|an|the)\s+)?\b(white|gray|grey|black)"
     r"(?:\s+background\b|\s*$)"
 )
-_RELATION_PATTERNS = [  # longest phrases first
-    (re.compile(r"\b(?:is\s+|are\s+)?(?:to|on)\s+the\s+left\s+(?:side\s+)?of\b"), "left of"),
-    (re.compile(r"\b(?:is\s+|are\s+)?(?:to|on)\s+the\s+right\s+(?:side\s+)?of\b"), "right of"),
-    (re.compile(r"\b(?:is\s+|are\s+)?left\s+of\b"), "left of"),
-    (re.compile(r"\b(?:is\s+|are\s+)?right\s+of\b"), "right of"),
-    (re.compile(r"\b(?:is\s+|are\s+)?on\s+top\s+of\b"), "above"),
-    (re.compile(r"\b(?:is\s+|are\s+)?(?:above|over)\b"), "above"),
-    (re.compile(r"\b(?:is\s+|are\s+)?(?:below|under|underneath|beneath)\b"), "below"),
-]
 _CONJUNCTION_PATTERN = re.compile(r"\b(?:and|together\s+with|as\s+well\s+as|plus|next\s+to|with)\b")
 
 
@@ -466,14 +458,14 @@ def parse_caption(text: str) -> CaptionSpec:
         background = _BACKGROUND_WORDS[match.group(1)]
         clean = (clean[: match.start()] + " " + clean[match.end():]).strip()
 
-    for pattern, relation in _RELATION_PATTERNS:
-        match = pattern.search(clean)
-        if match is not None:
-            first = _parse_noun_phrase(clean[: match.start()], text)
-            second = _parse_noun_phrase(clean[match.end():], text)
-            if first.count != 1 or second.count != 1:
-                raise PixforgeError(f"caption {text!r}: a relation needs one object on each side")
-            return CaptionSpec((first, second), relation, background)
+    found = find_relation(clean)
+    if found is not None:
+        match, relation = found
+        first = _parse_noun_phrase(clean[: match.start()], text)
+        second = _parse_noun_phrase(clean[match.end():], text)
+        if first.count != 1 or second.count != 1:
+            raise PixforgeError(f"caption {text!r}: a relation needs one object on each side")
+        return CaptionSpec((first, second), relation, background)
 
     # Split at conjunctions; a piece naming no shape ("both blue") belongs to the previous one.
     pieces: list[str] = []
