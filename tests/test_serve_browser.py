@@ -90,10 +90,14 @@ def test_the_page_generates_an_image_with_live_progress_and_adds_it_to_the_galle
             page.click("#seed-reuse")
             assert page.input_value("#seed") == "42"
 
+            assert "Layout:" not in parameters
             page.fill("#seed", "-1")
             page.fill("#steps", "2")
+            page.check("#layout")  # the second image: regional prompting from "left of"
             page.click("#generate")
             page.wait_for_function("() => document.querySelectorAll('.card').length === 2")
+            assert "Layout: \"a red circle@0,0,0.5,1; a blue square@0.5,0,1,1; 60%\"" in page.text_content(".card .parameters")
+            page.uncheck("#layout")
             newest_seed = page.get_attribute(".card", "data-seed")
             assert newest_seed != "42"
             page.click("#seed-reuse")

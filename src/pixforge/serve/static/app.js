@@ -71,6 +71,7 @@ async function loadModels() {
   const cache = $("cache");
   cache.disabled = !info.cache_supported;
   cache.placeholder = info.cache_supported ? "none" : "not supported by this server";
+  $("layout").disabled = !info.layout_supported;
 }
 
 function setProgress(status) {
@@ -125,6 +126,7 @@ function formBody() {
   };
   const cache = $("cache").value.trim();
   if (cache && !$("cache").disabled) body.cache = cache;
+  if ($("layout").checked && !$("layout").disabled) body.layout = "auto";
   return body;
 }
 
