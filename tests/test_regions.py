@@ -180,3 +180,13 @@ def test_cli_generate_layout_auto_records_it_and_refuses_unknown_values(pipe, tm
     assert info.layout == auto_layout(RELATION).describe()
     bad = runner.invoke(app, ["generate", RELATION, "--layout", "grid", "--model", str(folder), "-o", str(out)])
     assert isinstance(bad.exception, PixforgeError) and "'grid' is unknown" in str(bad.exception)
+
+
+def test_a_layout_with_free_text_encoder_encodes_its_regions_before_unloading():
+    from test_pipeline import build_pipeline
+
+    own = build_pipeline()
+    expected = latents(pipe=build_pipeline(), prompt=RELATION, layout="auto").latents
+    result = latents(own, RELATION, layout="auto", free_text_encoder=True)
+    assert torch.allclose(result.latents, expected, atol=1e-6)
+    assert not own.text_encoder.loaded

@@ -639,8 +639,6 @@ class PixArtPipeline:
             # 2. Text: encode once, project to per-block K/V once, reuse every step.
             guided = guidance > 1.0
             text = encode_prompts(self.text_encoder, prompts, negatives if guided else None, max_length)
-            if free_text_encoder:
-                self.unload_text_encoder()
             text = text.to(self.device)
             context = repeat_text_context(self.transformer.prepare_text(text.embeds, text.mask), per_prompt)
 
@@ -672,6 +670,8 @@ class PixArtPipeline:
                 model_fn = regional_model_fn(
                     model_fn, all_fn, masks, regional_steps, guidance, None if plan is None else plan.timesteps
                 )
+            if free_text_encoder:  # after the layout's region prompts are encoded too
+                self.unload_text_encoder()
 
             # 4. Denoise.
             bar = None
