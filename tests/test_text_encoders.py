@@ -266,3 +266,11 @@ def test_minilm_encoding_imports_neither_transformers_nor_diffusers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_minilm_encoding_leaves_its_tokenizer_unpadded(minilm):
+    minilm.encode(["a red circle"], max_length=16)
+    encoding = minilm.tokenizer.encode("a red circle")
+    assert encoding.tokens == ["[CLS]", "a", "red", "circle", "[SEP]"]
+    again = minilm.encode(["a red circle"], max_length=16)  # and the next encode pads again
+    assert again.mask.shape == (1, 16) and int(again.mask.sum()) == 5

@@ -495,6 +495,8 @@ class MiniLMTextEncoder(TextEncoder):
         tok.enable_truncation(max_length=max_length)
         tok.enable_padding(length=max_length, pad_id=self.pad_id, pad_token="[PAD]")
         encodings = tok.encode_batch(prompts, add_special_tokens=True)
+        tok.no_padding()  # leave the shared tokenizer as it was: a later tokenizer.encode() is unpadded
+        tok.no_truncation()
         input_ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return input_ids, mask, [max(0, n - capacity) for n in content_lengths]
