@@ -42,6 +42,7 @@ from pixforge.sampling import samplers as S
 from pixforge.sampling.pipeline import (
     decode, encode_prompts, guided_model_fn, load_pipeline, prepare_noise, to_numpy, to_pil,
 )
+from pixforge.sampling.regions import RELATION_HALVES, box_mask, compose
 from pixforge.shapes.world import (
     OPPOSITE_RELATION, RELATION_PHRASES, CaptionSpec, WorldConfig, canonical_caption, sample,
 )
@@ -52,14 +53,9 @@ STOP_TOKENS = {"[CLS]", "[SEP]", "a", "an", "the"}
 
 
 def half_masks(relation: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(size, size) masks of the first and second object's half for `relation`."""
-    first, second = torch.zeros(size, size), torch.zeros(size, size)
-    mid = size // 2
-    if relation in ("left of", "right of"):
-        first[:, :mid], second[:, mid:] = 1, 1
-    else:
-        first[:mid], second[mid:] = 1, 1
-    return (second, first) if relation in ("right of", "below") else (first, second)
+    """(size, size) masks of the first and second object's half for `relation` (the boxes
+    `layout="auto"` uses)."""
+    return tuple(box_mask(box, size, size) for box in RELATION_HALVES[relation])
 
 
 def phrase_prompts(spec: CaptionSpec) -> tuple[str, str]:
@@ -112,8 +108,7 @@ class Batch:
         self.plain_fn = guided_model_fn(pipe.transformer, self.plain_context, cfg, 4, schedule=pipe.schedule,
                                         timesteps=steps)
         masks = [half_masks(s.relation, LATENT) for s in specs]
-        self.region1 = torch.stack([m[0] for m in masks])[:, None]
-        self.region2 = torch.stack([m[1] for m in masks])[:, None]
+        self.masks = torch.stack([torch.stack(m) for m in masks], dim=1)[:, :, None]  # (2, B, 1, h, w)
 
     def branches(self, x, t):
         return self.all_fn(torch.cat([x, x, x, x]), t).chunk(4)  # uncond, caption, phrase 1, phrase 2
@@ -126,8 +121,8 @@ class Batch:
             calls[0] += 1
             if step >= k:
                 return self.plain_fn(x, t)
-            uncond, _, first, second = self.branches(x, t)
-            composed = self.region1 * first + self.region2 * second
+            uncond, caption, first, second = self.branches(x, t)
+            composed = compose(caption, torch.stack([first, second]), self.masks)
             return uncond + self.cfg * (composed - uncond)
 
         return model_fn
@@ -176,7 +171,7 @@ class Batch:
             except Stop:
                 pass
             _, caption, first, second = box["eps"]
-            composed = self.region1 * first + self.region2 * second
+            composed = compose(caption, torch.stack([first, second]), self.masks)
             scores.append((caption - composed).pow(2).flatten(1).sum(1))
         best = torch.stack(scores).argmin(0)
         return torch.stack([candidates[int(best[i])][i] for i in range(len(best))])

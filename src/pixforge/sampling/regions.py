@@ -34,7 +34,7 @@ DEFAULT_FRACTION = 0.6  # of the sampling steps: 12 of 20 measured best (docs/ge
 _BACKGROUND_TAIL = re.compile(
     r"[,;]?\s+(?:on|against|with|over|in\s+front\s+of)\s+(?:(?:a|an|the)\s+)?[\w-]+(?:\s+background)?\s*\.?\s*$"
 )
-_HALVES = {  # relation -> (subject box, object box) as (left, top, right, bottom) fractions
+RELATION_HALVES = {  # relation -> (subject box, object box) as (left, top, right, bottom) fractions
     "left of": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)),
     "right of": ((0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 1.0)),
     "above": ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)),
@@ -103,7 +103,7 @@ def auto_layout(prompt: str, fraction: float = DEFAULT_FRACTION) -> Layout | Non
     subject, obj = body[: match.start()].strip(" ,"), body[match.end():].strip(" ,")
     if not subject or not obj:
         return None
-    boxes = _HALVES[relation]
+    boxes = RELATION_HALVES[relation]
     return Layout((Region(subject + context, boxes[0]), Region(obj + context, boxes[1])), fraction)
 
 

@@ -111,13 +111,13 @@ class ModelService:
         generators = [torch.Generator("cpu").manual_seed(seed) for job in jobs for seed in job.spec.seeds]
         # The model's own sampler config (its folder's scheduler settings) when it is the one asked for.
         sampler = None if key.sampler == self.info.default_sampler else key.sampler
-        cache = {"cache": key.cache} if key.cache is not None and self.cache_supported else {}
+        options = {"cache": key.cache} if key.cache is not None and self.cache_supported else {}
         if key.layout is not None:
-            cache["layout"] = key.layout
+            options["layout"] = key.layout
         result = self.pipe(
             prompts, negative_prompt=negatives, height=key.height, width=key.width, num_inference_steps=key.steps,
             guidance_scale=key.guidance, sampler=sampler, generator=generators, output_type="pil", progress=False,
-            callback_on_step_end=lambda step, t, x: on_step(step + 1), **cache,
+            callback_on_step_end=lambda step, t, x: on_step(step + 1), **options,
         )
         per_job, start = [], 0
         for job in jobs:
