@@ -86,7 +86,8 @@ def train(args) -> None:
                          model="src/pixforge/assets/default/transformer", text_encoder="minilm", max_text_tokens=24,
                          num_samples=args.samples, paraphrase=0.3, category_mix="position=6,counting=1", seed=11,
                          resolution=128, buckets=False, batch_size=32, lr=args.lr, loss_weighting="min-snr",
-                         min_snr_gamma=5.0, caption_dropout=0.1, num_workers=2)
+                         min_snr_gamma=5.0, caption_dropout=0.1, num_workers=2,
+                         timestep_range=(args.timestep_low, 1000), x0_weight_floor=args.x0_floor)
     dataset = dataset_for(config)
     vae = AutoencoderKL.from_pretrained(config.vae).eval()
     encoder = build_text_encoder("minilm", 24, "cpu")
@@ -124,7 +125,7 @@ def train(args) -> None:
             x0, text, mask = features.batch(indices)
             drop = torch.rand(len(indices), generator=generator) < config.caption_dropout
             text[drop], mask[drop] = null_text[0], null_text[1]
-            t = sample_timesteps(len(indices), "uniform", generator)
+            t = sample_timesteps(len(indices), "uniform", generator, low=args.timestep_low)
             noise = torch.randn(x0.shape, generator=generator)
             for group, lr in zip(optimizer.param_groups, peak):
                 group["lr"] = lr * min(1.0, (step + 1) / 100)
@@ -208,6 +209,10 @@ def main() -> None:
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--refiner-lr", type=float, default=1e-3)
     t.add_argument("--prepare-only", action="store_true")
+    t.add_argument("--timestep-low", type=int, default=0,
+                   help="train on timesteps [LOW, 1000) only (e.g. 850: where the sampler sets the layout)")
+    t.add_argument("--x0-floor", type=float, default=0.0,
+                   help="floor on the x0-error weight (1.0 with --timestep-low 850: plain x0-MSE there)")
     p = commands.add_parser("probe")
     p.add_argument("weights", help="OUT.pt of a train run, or 'shipped'")
     p.add_argument("--n", type=int, default=100)

@@ -157,6 +157,23 @@ def test_layouts_work_without_guidance_and_with_several_images_per_prompt(pipe):
     assert not torch.allclose(pair.latents[:2], alone.latents[:2], atol=1e-3)
 
 
+def test_a_mixed_batch_runs_region_rows_only_for_the_prompts_with_a_layout(pipe):
+    """[no layout, layout] × 2 images: each regional step forwards 2·4 prompt rows + 2 regions × 2
+    rows (not 2 regions × 4), and every image equals its own generation alone."""
+    sizes = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        mixed = latents(pipe, ["a cat", RELATION], num_images_per_prompt=2, layout=[None, "auto"])
+    finally:
+        hook.remove()
+    regional = auto_layout(RELATION).regional_steps(STEPS)
+    assert sizes == [2 * 4 + 2 * 2] * regional + [2 * 4] * (STEPS - regional)
+    laid = latents(pipe, RELATION, num_images_per_prompt=2, layout="auto", seed=9)  # seeds 9, 10
+    plain = latents(pipe, "a cat", num_images_per_prompt=2)  # seeds 7, 8
+    assert torch.allclose(mixed.latents[2:], laid.latents, atol=1e-5)
+    assert torch.allclose(mixed.latents[:2], plain.latents, atol=1e-5)
+
+
 def test_layout_and_cache_together_are_refused(pipe):
     with pytest.raises(PixforgeError, match="layout and cache cannot be combined"):
         latents(pipe, RELATION, layout="auto", cache="fora:2")

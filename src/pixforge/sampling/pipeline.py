@@ -189,21 +189,26 @@ def regional_model_fn(
     regional_steps: list[int],
     guidance_scale: float,
     timesteps: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> S.ModelFn:
     """ε(x, t) with a layout: while a row is in its first `regional_steps[row]` steps, its
     conditional ε is composed region-wise (`regions.compose`), then guided; afterwards, and
     for every row once all are past their regional steps, `plain_fn`.
 
-    `all_fn` predicts every row of [uncond (with guidance), prompt, region 0, ..., region R-1]
-    (B rows each) in one forward; masks (R, B, 1, h, w). Steps are counted by timestep when the
-    sampler's timesteps are known (2nd-order samplers call twice per step), else by call.
+    `all_fn` predicts, in one forward, [uncond (with guidance), prompt] for all B rows and then
+    region 0, ..., region R-1 for the S rows `rows` that have a layout (default: all B);
+    masks (R, S, 1, h, w). Rows without a layout get no region rows (no wasted work in a batch
+    that mixes prompts with and without one). Steps are counted by timestep when the sampler's
+    timesteps are known (2nd-order samplers call twice per step), else by call.
     """
     guided = guidance_scale > 1.0
-    copies = (2 if guided else 1) + masks.shape[0]
+    regions = masks.shape[0]
     last = max(regional_steps)
     step_of = {} if timesteps is None else {float(t): i for i, t in enumerate(timesteps.reshape(-1).tolist())}
     counter = {"calls": 0, "step": 0}
     limits = torch.tensor(regional_steps, device=masks.device)
+    if rows is not None:
+        limits = limits[rows]
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if step_of and t.ndim == 0:
@@ -214,11 +219,19 @@ def regional_model_fn(
         step = counter["step"]
         if step >= last:
             return plain_fn(x, t)
-        parts = all_fn(torch.cat([x] * copies), t).chunk(copies)
+        selected = x if rows is None else x[rows]
+        plain_copies = 2 if guided else 1
+        out = all_fn(torch.cat([x] * plain_copies + [selected] * regions), t)
+        batch = x.shape[0]
+        prompt = out[(plain_copies - 1) * batch:plain_copies * batch]
+        region_eps = out[plain_copies * batch:].reshape(regions, selected.shape[0], *out.shape[1:])
         live = masks * (step < limits).to(masks.dtype)[None, :, None, None, None]  # rows past their steps: plain
-        first_region = 2 if guided else 1
-        cond = compose(parts[first_region - 1], torch.stack(parts[first_region:]), live)
-        return S.cfg_combine(parts[0], cond, guidance_scale) if guided else cond
+        if rows is None:
+            cond = compose(prompt, region_eps, live)
+        else:
+            cond = prompt.clone()
+            cond[rows] = compose(prompt[rows], region_eps, live)
+        return S.cfg_combine(out[:batch], cond, guidance_scale) if guided else cond
 
     return model_fn
 
@@ -232,28 +245,31 @@ def prepare_layout(
     steps: int,
     latent_hw: tuple[int, int],
     max_length: int,
-) -> tuple[TextContext, torch.Tensor, list[int]]:
-    """Region prompts encoded after `context`'s rows → (all rows' context, masks (R, B, 1, h, w),
-    regional steps per image row). A prompt without a layout gets zero masks (its own prompt
-    stands in for the missing regions)."""
-    count = max(len(layout.regions) for layout in layouts if layout is not None)
+) -> tuple[TextContext, torch.Tensor, list[int], torch.Tensor]:
+    """Region prompts encoded after `context`'s rows → (all rows' context, masks (R, S, 1, h, w),
+    regional steps per image row, the S image rows that have a layout). Only prompts with a
+    layout get region rows; one with fewer regions than another gets zero masks for the rest
+    (its own prompt stands in for the missing regions)."""
+    chosen = [i for i, layout in enumerate(layouts) if layout is not None]
+    count = max(len(layouts[i].regions) for i in chosen)
     texts = [
-        layout.regions[r].prompt if layout is not None and r < len(layout.regions) else prompt
+        layouts[i].regions[r].prompt if r < len(layouts[i].regions) else prompts[i]
         for r in range(count)
-        for prompt, layout in zip(prompts, layouts)
+        for i in chosen
     ]
     text = encode_prompts(pipe.text_encoder, texts, None, max_length).to(pipe.device)
     regions = repeat_text_context(pipe.transformer.prepare_text(text.embeds, text.mask), per_prompt)
     kv = [(torch.cat([k, rk]), torch.cat([v, rv])) for (k, v), (rk, rv) in zip(context.kv, regions.kv)]
     bias = None if context.bias is None else torch.cat([context.bias, regions.bias])
     height, width = latent_hw
-    masks = torch.zeros(count, len(prompts), 1, height, width)
-    for i, layout in enumerate(layouts):
-        for r, region in enumerate(() if layout is None else layout.regions):
-            masks[r, i, 0] = box_mask(region.box, height, width)
+    masks = torch.zeros(count, len(chosen), 1, height, width)
+    for j, i in enumerate(chosen):
+        for r, region in enumerate(layouts[i].regions):
+            masks[r, j, 0] = box_mask(region.box, height, width)
     masks = masks.repeat_interleave(per_prompt, dim=1).to(pipe.device)
     regional_steps = [0 if layout is None else layout.regional_steps(steps) for layout in layouts]
-    return TextContext(kv=kv, bias=bias), masks, [n for n in regional_steps for _ in range(per_prompt)]
+    rows = torch.tensor([i * per_prompt + j for i in chosen for j in range(per_prompt)], device=pipe.device)
+    return TextContext(kv=kv, bias=bias), masks, [n for n in regional_steps for _ in range(per_prompt)], rows
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
@@ -656,7 +672,7 @@ class PixArtPipeline:
                 self.prediction_type, self.schedule, None if plan is None else plan.timesteps,
             )
             if layouts is not None:
-                all_context, masks, regional_steps = prepare_layout(
+                all_context, masks, regional_steps, layout_rows = prepare_layout(
                     self, layouts, prompts, context, per_prompt, steps, shape[-2:], max_length
                 )
                 rows = all_context.batch_size
@@ -668,7 +684,8 @@ class PixArtPipeline:
                     self.prediction_type, self.schedule, None if plan is None else plan.timesteps,
                 )
                 model_fn = regional_model_fn(
-                    model_fn, all_fn, masks, regional_steps, guidance, None if plan is None else plan.timesteps
+                    model_fn, all_fn, masks, regional_steps, guidance, None if plan is None else plan.timesteps,
+                    None if len(layout_rows) == total else layout_rows,
                 )
             if free_text_encoder:  # after the layout's region prompts are encoded too
                 self.unload_text_encoder()
