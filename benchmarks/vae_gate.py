@@ -5,7 +5,9 @@ transformer trained on its latents can pass the compositional checker?
     python benchmarks/vae_gate.py runs/vae --n 100      # a run in progress: newest checkpoint
 
 Prints PSNR (mean, min) and the checker's pass rate on the reconstructions (and on the
-renders themselves, the ceiling), per category. The default-model recipe trains the
+renders themselves, the ceiling), per category, and the decoder's artifact on flat canvases
+(each background colour of the world, encoded and decoded: any pixel away from the flat colour
+is a spot the decoder paints into every image). The default-model recipe trains the
 transformer only when the reconstructions pass >= 99%.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from pixforge.eval.shapes import check
 from pixforge.models.vae import AutoencoderKL
-from pixforge.shapes.world import WorldConfig, sample
+from pixforge.shapes.world import BACKGROUNDS, WorldConfig, sample
 from pixforge.train.data import bucket_sizes, to_tensor
 
 
@@ -36,6 +38,24 @@ def load_vae(path: str):
         print(f"{path}: EMA weights of step {step}")
         return vae
     return AutoencoderKL.from_pretrained(path)
+
+
+@torch.no_grad()
+def flat_artifact(vae, sizes) -> dict:
+    """Max |decoded - flat colour| (0-255) over every background colour and size, the pixels
+    off by more than 16, and where the worst one is (y, x, size)."""
+    worst, over, where = 0.0, 0, None
+    for width, height in sizes:
+        for rgb in BACKGROUNDS.values():
+            flat = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, height, width) / 127.5 - 1
+            rebuilt = vae.decode(vae.encode(flat).mode()).clamp(-1, 1)
+            error = ((rebuilt - flat) * 127.5).abs().amax(dim=1)[0]  # (h, w), worst channel
+            over += int((error > 16).sum())
+            if float(error.max()) > worst:
+                worst = float(error.max())
+                y, x = divmod(int(error.argmax()), width)
+                where = (y, x, f"{width}x{height}")
+    return {"max": worst, "pixels_over_16": over, "worst_at": where, "canvases": len(sizes) * len(BACKGROUNDS)}
 
 
 def evaluate(vae_dir: str, n: int, resolution: int = 128, batch: int = 25) -> dict:
@@ -74,6 +94,7 @@ def evaluate(vae_dir: str, n: int, resolution: int = 128, batch: int = 25) -> di
         "renders_pass": total[0] / total[2],
         "reconstructions_pass": total[1] / total[2],
         "per_category": {k: {"renders": v[0] / v[2], "reconstructions": v[1] / v[2], "n": v[2]} for k, v in sorted(by_category.items())},
+        "flat_artifact": flat_artifact(vae, sizes),
         "seconds": time.time() - start,
         "failures": failures,
     }
@@ -91,6 +112,9 @@ def main() -> None:
           f"{100 * result['reconstructions_pass']:.1f}% of reconstructions")
     for category, values in result["per_category"].items():
         print(f"  {category:<18} renders {100 * values['renders']:5.1f}%  reconstructions {100 * values['reconstructions']:5.1f}%  (n={values['n']})")
+    flat = result["flat_artifact"]
+    print(f"flat canvases ({flat['canvases']}): decoded max deviation {flat['max']:.0f}/255 at {flat['worst_at']}, "
+          f"{flat['pixels_over_16']} pixels off by > 16")
     for failure in result["failures"]:
         print(f"  fail: {failure}")
     if args.out:

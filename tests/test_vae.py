@@ -260,3 +260,37 @@ def test_channels_last_decodes_and_encodes_like_the_default_layout(tmp_path):
         reloaded = AutoencoderKL.from_pretrained(tmp_path).eval()
         assert max_diff(reloaded.decode(latents()), decoded) <= 1e-4
         assert vae.set_channels_last(False).decoder.conv_in.weight.is_contiguous()
+
+
+def test_vae_gate_flat_artifact_finds_a_spot_the_decoder_paints():
+    """benchmarks/vae_gate.py's flat-canvas check: a perfect round trip scores 0; a decoder that
+    lights one pixel is caught at that pixel, on every canvas."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "vae_gate.py"
+    spec = importlib.util.spec_from_file_location("vae_gate", script)
+    gate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gate)
+
+    class Exact:
+        def encode(self, x):
+            return SimpleNamespace(mode=lambda: x.clone())
+
+        def decode(self, z):
+            return z
+
+    class Spot(Exact):
+        def decode(self, z):
+            out = z.clone()
+            out[:, 1, 3, 5] += 0.5  # +63.75 of 255 in green at (y 3, x 5)
+            return out
+
+    sizes = [(32, 16), (16, 32)]
+    clean = gate.flat_artifact(Exact(), sizes)
+    assert clean["max"] == 0 and clean["pixels_over_16"] == 0 and clean["canvases"] == 6
+    spotted = gate.flat_artifact(Spot(), sizes)
+    assert spotted["worst_at"][:2] == (3, 5)
+    assert 63 <= spotted["max"] <= 64
+    assert spotted["pixels_over_16"] == 4  # white is clamped at +1: only gray and black show it, on both sizes
