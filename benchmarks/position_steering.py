@@ -12,6 +12,8 @@ generation (CFG 2.5, 20 dpm++ steps), relation read by the shapes checker:
 - `regional`: for the first K steps the conditional ε is composed region-wise from the two
   noun phrases prompted alone ("a red circle", "a blue square"): each phrase's ε in its half
   (MultiDiffusion / LMD-style regional prompting); the rest of the steps are plain.
+  Variants: `feather` (a linear ramp across the dividing line instead of a hard edge) and
+  `anneal` (the composition's weight falls linearly over the K steps).
 - `select`: the eight D4 transforms of the seed's noise (rotations, flips — each is as valid
   a Gaussian draw), each run 5 plain steps; the one whose full-prompt ε at step 5 agrees best
   with the region-wise composition is kept, then `regional` for K steps.
@@ -20,6 +22,7 @@ generation (CFG 2.5, 20 dpm++ steps), relation read by the shapes checker:
   the tiny signal in x_T (a non-zero terminal SNR leak) or from the caption?
 
     python benchmarks/position_steering.py --n 100 --out benchmarks/results/position_steering.json
+    python benchmarks/position_steering.py --n 160 --arms "plain,regional K=12 feather 0.25"   # some arms
 
 Cost per image relative to a plain generation: attention ~1.0, regional 1 + K/20, select
 ~3.6 (8 × 5 probe steps with the two phrases) — none of them is in the product.
@@ -52,10 +55,22 @@ LATENT = 16
 STOP_TOKENS = {"[CLS]", "[SEP]", "a", "an", "the"}
 
 
-def half_masks(relation: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def half_masks(relation: str, size: int, feather: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(size, size) masks of the first and second object's half for `relation` (the boxes
-    `layout="auto"` uses)."""
-    return tuple(box_mask(box, size, size) for box in RELATION_HALVES[relation])
+    `layout="auto"` uses). `feather` > 0: a linear ramp across the dividing line, that
+    fraction of the image wide (the two masks still sum to 1 everywhere)."""
+    hard = tuple(box_mask(box, size, size) for box in RELATION_HALVES[relation])
+    if feather <= 0:
+        return hard
+    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    ramp = ((0.5 - centres) / feather + 0.5).clamp(0, 1)  # 1 before the middle, 0 after
+    first_before = bool(hard[0][0, 0] > 0)  # the first object's half holds the (0, 0) corner
+    if relation in ("left of", "right of"):
+        soft = ramp[None, :].expand(size, size)
+    else:
+        soft = ramp[:, None].expand(size, size)
+    soft = soft if first_before else 1 - soft
+    return soft.clone(), (1 - soft).clone()
 
 
 def phrase_prompts(spec: CaptionSpec) -> tuple[str, str]:
@@ -93,7 +108,7 @@ def d4(noise: torch.Tensor) -> list[torch.Tensor]:
 class Batch:
     """One batch of position captions: contexts for [uncond, caption, phrase 1, phrase 2]."""
 
-    def __init__(self, pipe, specs: list[CaptionSpec], captions: list[str], cfg: float, plan):
+    def __init__(self, pipe, specs: list[CaptionSpec], captions: list[str], cfg: float, plan, feather: float = 0.0):
         self.pipe, self.specs, self.cfg, self.plan = pipe, specs, cfg, plan
         size = len(specs)
         phrases = [phrase_prompts(s) for s in specs]
@@ -107,13 +122,15 @@ class Batch:
         self.all_fn = guided_model_fn(pipe.transformer, self.context, 1.0, 4, schedule=pipe.schedule, timesteps=steps)
         self.plain_fn = guided_model_fn(pipe.transformer, self.plain_context, cfg, 4, schedule=pipe.schedule,
                                         timesteps=steps)
-        masks = [half_masks(s.relation, LATENT) for s in specs]
+        masks = [half_masks(s.relation, LATENT, feather) for s in specs]
         self.masks = torch.stack([torch.stack(m) for m in masks], dim=1)[:, :, None]  # (2, B, 1, h, w)
 
     def branches(self, x, t):
         return self.all_fn(torch.cat([x, x, x, x]), t).chunk(4)  # uncond, caption, phrase 1, phrase 2
 
-    def regional_fn(self, k: int):
+    def regional_fn(self, k: int, anneal: bool = False):
+        """Regional for the first k steps; `anneal`: the composition's weight falls linearly
+        from 1 at the first step to 1/k at the k-th (the whole caption's ε takes the rest)."""
         calls = [0]
 
         def model_fn(x, t):
@@ -123,6 +140,9 @@ class Batch:
                 return self.plain_fn(x, t)
             uncond, caption, first, second = self.branches(x, t)
             composed = compose(caption, torch.stack([first, second]), self.masks)
+            if anneal:
+                weight = 1 - step / k
+                composed = weight * composed + (1 - weight) * caption
             return uncond + self.cfg * (composed - uncond)
 
         return model_fn
@@ -190,14 +210,14 @@ def run_arm(pipe, arm: dict, n: int, cfg: float, batch: int = 16) -> dict:
         if arm["kind"] == "planted":  # sample with the relation turned round
             asked = [CaptionSpec(s.groups, OPPOSITE_RELATION[s.relation], s.background) for s in specs]
         with torch.inference_mode():
-            work = Batch(pipe, asked, [canonical_caption(s) for s in asked], cfg, plan)
+            work = Batch(pipe, asked, [canonical_caption(s) for s in asked], cfg, plan, arm.get("feather", 0.0))
             _, generators = pipe._generators(first, None, len(specs))
             noise = prepare_noise((len(specs), 4, LATENT, LATENT), generators)
             model_fn = work.plain_fn
             if arm["kind"] == "attention":
                 model_fn = work.attention_fn(arm["weight"], arm["steps"])
             elif arm["kind"] == "regional":
-                model_fn = work.regional_fn(arm["steps"])
+                model_fn = work.regional_fn(arm["steps"], arm.get("anneal", False))
             elif arm["kind"] == "select":
                 noise = work.select_noise(noise, generators)
                 model_fn = work.regional_fn(arm["steps"])
@@ -229,6 +249,11 @@ ARMS = [
     {"name": "regional K=12", "kind": "regional", "steps": 12},
     {"name": "regional K=14", "kind": "regional", "steps": 14},
     {"name": "regional K=16", "kind": "regional", "steps": 16},
+    {"name": "regional K=12 feather 0.25", "kind": "regional", "steps": 12, "feather": 0.25},
+    {"name": "regional K=14 feather 0.25", "kind": "regional", "steps": 14, "feather": 0.25},
+    {"name": "regional K=16 feather 0.25", "kind": "regional", "steps": 16, "feather": 0.25},
+    {"name": "regional K=20 annealed", "kind": "regional", "steps": 20, "anneal": True},
+    {"name": "regional K=16 annealed", "kind": "regional", "steps": 16, "anneal": True},
     {"name": "select + regional K=6", "kind": "select", "steps": 6},
     {"name": "select + regional K=12", "kind": "select", "steps": 12},
     {"name": "planted x1 turned caption", "kind": "planted", "scale": 1.0},
