@@ -128,9 +128,10 @@ class Batch:
     def branches(self, x, t):
         return self.all_fn(torch.cat([x, x, x, x]), t).chunk(4)  # uncond, caption, phrase 1, phrase 2
 
-    def regional_fn(self, k: int, anneal: bool = False):
+    def regional_fn(self, k: int, anneal: bool = False, regional_cfg: float | None = None):
         """Regional for the first k steps; `anneal`: the composition's weight falls linearly
-        from 1 at the first step to 1/k at the k-th (the whole caption's ε takes the rest)."""
+        from 1 at the first step to 1/k at the k-th (the whole caption's ε takes the rest);
+        `regional_cfg`: the guidance scale during those steps (default: the run's)."""
         calls = [0]
 
         def model_fn(x, t):
@@ -143,7 +144,7 @@ class Batch:
             if anneal:
                 weight = 1 - step / k
                 composed = weight * composed + (1 - weight) * caption
-            return uncond + self.cfg * (composed - uncond)
+            return uncond + (self.cfg if regional_cfg is None else regional_cfg) * (composed - uncond)
 
         return model_fn
 
@@ -197,14 +198,14 @@ class Batch:
         return torch.stack([candidates[int(best[i])][i] for i in range(len(best))])
 
 
-def run_arm(pipe, arm: dict, n: int, cfg: float, batch: int = 16) -> dict:
+def run_arm(pipe, arm: dict, n: int, cfg: float, batch: int = 16, start_index: int = 0) -> dict:
     config = WorldConfig(mix=(("position", 1.0),))
     plan = S.plan_sampling("dpm++", 20, pipe.schedule)
     alpha_bar = float(S.alpha_bar_at(S.noise_schedule(pipe.schedule), plan.timesteps[0]))
     holds, found_both, follows_render, follows_caption = [], [], 0, 0
     start = time.perf_counter()
-    for first in range(0, n, batch):
-        samples = [sample(i, "test", config) for i in range(first, min(n, first + batch))]
+    for first in range(start_index, start_index + n, batch):
+        samples = [sample(i, "test", config) for i in range(first, min(start_index + n, first + batch))]
         specs = [s.scene.spec() for s in samples]
         asked = specs
         if arm["kind"] == "planted":  # sample with the relation turned round
@@ -217,7 +218,7 @@ def run_arm(pipe, arm: dict, n: int, cfg: float, batch: int = 16) -> dict:
             if arm["kind"] == "attention":
                 model_fn = work.attention_fn(arm["weight"], arm["steps"])
             elif arm["kind"] == "regional":
-                model_fn = work.regional_fn(arm["steps"], arm.get("anneal", False))
+                model_fn = work.regional_fn(arm["steps"], arm.get("anneal", False), arm.get("cfg"))
             elif arm["kind"] == "select":
                 noise = work.select_noise(noise, generators)
                 model_fn = work.regional_fn(arm["steps"])
@@ -253,6 +254,8 @@ ARMS = [
     {"name": "regional K=14 feather 0.25", "kind": "regional", "steps": 14, "feather": 0.25},
     {"name": "regional K=16 feather 0.25", "kind": "regional", "steps": 16, "feather": 0.25},
     {"name": "regional K=20 annealed", "kind": "regional", "steps": 20, "anneal": True},
+    {"name": "regional K=12 CFG 4", "kind": "regional", "steps": 12, "cfg": 4.0},
+    {"name": "regional K=12 CFG 6", "kind": "regional", "steps": 12, "cfg": 6.0},
     {"name": "regional K=16 annealed", "kind": "regional", "steps": 16, "anneal": True},
     {"name": "select + regional K=6", "kind": "select", "steps": 6},
     {"name": "select + regional K=12", "kind": "select", "steps": 12},
@@ -265,6 +268,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     parser.add_argument("--n", type=int, default=100, help="test-split position captions")
+    parser.add_argument("--first", type=int, default=0, help="index of the first caption (seeds follow it)")
     parser.add_argument("--cfg", type=float, default=None)
     parser.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
     parser.add_argument("--out", default=None)
@@ -275,7 +279,7 @@ def main() -> None:
     arms = ARMS if args.arms is None else [a for a in ARMS if a["name"] in args.arms.split(",")]
     results, base = [], None
     for arm in arms:
-        result = run_arm(pipe, arm, args.n, cfg)
+        result = run_arm(pipe, arm, args.n, cfg, start_index=args.first)
         if arm["kind"] == "plain":
             base = np.array(result["holds"], dtype=float)
         elif base is not None and arm["kind"] != "planted":
