@@ -125,7 +125,8 @@ def train(args) -> None:
             x0, text, mask = features.batch(indices)
             drop = torch.rand(len(indices), generator=generator) < config.caption_dropout
             text[drop], mask[drop] = null_text[0], null_text[1]
-            t = sample_timesteps(len(indices), "uniform", generator, low=args.timestep_low)
+            t = sample_timesteps(len(indices), "uniform", generator, low=config.timestep_range[0],
+                                 high=config.timestep_range[1])
             noise = torch.randn(x0.shape, generator=generator)
             for group, lr in zip(optimizer.param_groups, peak):
                 group["lr"] = lr * min(1.0, (step + 1) / 100)

@@ -247,9 +247,9 @@ def prepare_layout(
     max_length: int,
 ) -> tuple[TextContext, torch.Tensor, list[int], torch.Tensor]:
     """Region prompts encoded after `context`'s rows → (all rows' context, masks (R, S, 1, h, w),
-    regional steps per image row, the S image rows that have a layout). Only prompts with a
-    layout get region rows; one with fewer regions than another gets zero masks for the rest
-    (its own prompt stands in for the missing regions)."""
+    regional steps per image row, the S image rows that have a layout — None when every row
+    has one). Only prompts with a layout get region rows; one with fewer regions than another
+    gets zero masks for the rest (its own prompt stands in for the missing regions)."""
     chosen = [i for i, layout in enumerate(layouts) if layout is not None]
     count = max(len(layouts[i].regions) for i in chosen)
     texts = [
@@ -268,7 +268,9 @@ def prepare_layout(
             masks[r, j, 0] = box_mask(region.box, height, width)
     masks = masks.repeat_interleave(per_prompt, dim=1).to(pipe.device)
     regional_steps = [0 if layout is None else layout.regional_steps(steps) for layout in layouts]
-    rows = torch.tensor([i * per_prompt + j for i in chosen for j in range(per_prompt)], device=pipe.device)
+    rows = None if len(chosen) == len(layouts) else torch.tensor(
+        [i * per_prompt + j for i in chosen for j in range(per_prompt)], device=pipe.device
+    )
     return TextContext(kv=kv, bias=bias), masks, [n for n in regional_steps for _ in range(per_prompt)], rows
 
 
@@ -675,17 +677,18 @@ class PixArtPipeline:
                 all_context, masks, regional_steps, layout_rows = prepare_layout(
                     self, layouts, prompts, context, per_prompt, steps, shape[-2:], max_length
                 )
-                rows = all_context.batch_size
                 all_resolution = all_aspect = None
                 if self.transformer.config.uses_micro_conditions:
-                    all_resolution, all_aspect = micro_conditions(height, width, rows, self.device)
+                    all_resolution, all_aspect = micro_conditions(
+                        height, width, all_context.batch_size, self.device
+                    )
                 all_fn = guided_model_fn(
                     self.transformer, all_context, 1.0, channels, all_resolution, all_aspect, None,
                     self.prediction_type, self.schedule, None if plan is None else plan.timesteps,
                 )
                 model_fn = regional_model_fn(
                     model_fn, all_fn, masks, regional_steps, guidance, None if plan is None else plan.timesteps,
-                    None if len(layout_rows) == total else layout_rows,
+                    layout_rows,
                 )
             if free_text_encoder:  # after the layout's region prompts are encoded too
                 self.unload_text_encoder()
