@@ -10,24 +10,29 @@ through: imports, pipeline load, text encoding, the denoising steps, VAE decode,
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 PROMPT = "a red circle to the left of a blue square"
 
 BREAKDOWN = r"""
-import time, json, sys
+import gc, time, json, sys
 t0 = time.perf_counter()
+gc.disable()  # as `pixforge generate` does while it imports and loads (cli._collector_paused)
 import torch
 t_torch = time.perf_counter()
 from pixforge.sampling.pipeline import load_pipeline, encode_prompts
 from pixforge.sampling.metadata import save_png
 t_import = time.perf_counter()
 pipe = load_pipeline()
+gc.freeze()
+gc.enable()
 t_load = time.perf_counter()
 steps_at = []
 result = pipe(PROMPT, seed=0, progress=False, callback_on_step_end=lambda *a: steps_at.append(time.perf_counter()))
@@ -50,6 +55,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    # pip compiles a package's modules to bytecode when it installs it; an editable checkout run
+    # with PYTHONDONTWRITEBYTECODE=1 (as some sandboxes set) would compile pixforge's sources on
+    # every run instead (0.17-0.3 s measured), which no installed copy pays.
+    import pixforge
+
+    compileall.compile_dir(str(Path(pixforge.__file__).parent), quiet=1)
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    interpreter = (time.perf_counter() - start) / args.repeats
     walls = []
     with tempfile.TemporaryDirectory() as out:
         for i in range(args.repeats):
@@ -62,6 +77,7 @@ def main() -> None:
                                            text=True).stdout.strip().splitlines()[-1])
     print(f'pixforge generate "{PROMPT}" (new process, 128², 20 steps): median {statistics.median(walls):.2f} s '
           f"(min {min(walls):.2f}, max {max(walls):.2f}) over {args.repeats} runs")
+    print(f"  {'python start-up (python -c pass)':<36} {interpreter:.3f} s")
     for name, value in stages.items():
         print(f"  {name:<36} {value:.3f}" + (" s" if name != "steps" else ""))
 

@@ -151,3 +151,65 @@ def test_the_generate_command_as_a_process_writes_whole_pngs_and_exit_codes(tmp_
     bad = run("--steps", "0", out=tmp_path / "c")
     assert bad.returncode == 2 and "error: num_inference_steps" in bad.stderr
     assert not list(tmp_path.glob("c/*.png"))
+
+
+def test_generate_pauses_the_garbage_collector_while_loading(tmp_path, monkeypatch):
+    """Start-up is not slowed by cyclic GC passes over torch's objects: the collector is off while
+    `generate` imports and loads, back on afterwards; an in-process call freezes nothing."""
+    import gc
+
+    from pixforge import cli
+    from pixforge.sampling import pipeline
+
+    seen = []
+    real = pipeline.load_pipeline
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_pipeline", spy)
+    frozen = gc.get_freeze_count()
+    done = CliRunner().invoke(app, ["generate", "a yellow square", "--steps", "2", "-q", "-o", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert seen == [False] and gc.isenabled() and gc.get_freeze_count() == frozen and not cli._console
+
+
+def test_the_console_generate_freezes_its_start_up_objects(tmp_path):
+    """As the console entry point, the objects that survive start-up are frozen out of the
+    collector's scans, and the collector runs again for the generation itself."""
+    code = (
+        "import gc, sys\n"
+        "from pixforge import cli\n"
+        "from pixforge.sampling import metadata\n"
+        "real = metadata.save_png\n"
+        "def spy(*a, **k):\n"
+        "    print('state', gc.isenabled(), gc.get_freeze_count() > 100000, flush=True)\n"
+        "    return real(*a, **k)\n"
+        "metadata.save_png = spy\n"
+        f"sys.argv = ['pixforge', 'generate', 'a yellow square', '--steps', '2', '-q', '-o', {str(tmp_path)!r}]\n"
+        "cli.main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "state True True" in out.stdout
+
+
+def test_the_generate_command_does_not_import_pydantic(tmp_path):
+    """Parsing `pixforge generate`'s options must not pull pydantic in (typer >= 0.29 does, ~0.15 s
+    of start-up: pyproject pins typer below it)."""
+    code = (
+        "import sys\n"
+        "from pixforge import cli\n"
+        "from pixforge.sampling import metadata\n"
+        "real = metadata.save_png\n"
+        "def spy(*a, **k):\n"
+        "    print('pydantic' in sys.modules, flush=True)\n"
+        "    return real(*a, **k)\n"
+        "metadata.save_png = spy\n"
+        f"sys.argv = ['pixforge', 'generate', 'a yellow square', '--steps', '2', '-q', '-o', {str(tmp_path)!r}]\n"
+        "cli.main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "False"
