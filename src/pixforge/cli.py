@@ -314,7 +314,7 @@ def _collector_paused():
 
     Importing torch and building the pipeline allocate ~10^6 long-lived objects; the collector
     runs ~380 times over them meanwhile (3 full collections), 0.29-0.47 s of a `pixforge
-    generate` on the 2-core machine (measured with gc.callbacks; docs/generation.md). Nothing
+    generate` on the 2-core machine (measured with gc.callbacks; docs/training.md, "Speed"). Nothing
     made in these phases is garbage worth collecting. In the console process the survivors are
     then moved out of the collector's view (gc.freeze, as long-lived servers do after start-up),
     so later collections scan only what the generation itself allocates; an in-process call (tests,
