@@ -194,7 +194,7 @@ def test_the_front_is_written_as_usable_schedules(tmp_path):
     assert {(s.searched_on, s.guidance_scale) for s in written} == {("abc123", 2.25)}
 
 
-def test_search_cache_cli_on_a_tiny_pipeline(tmp_path, model_dir):
+def test_search_cache_cli_on_a_tiny_pipeline(tmp_path, model_dir, monkeypatch):
     out = tmp_path / "ecad"
     def args(generations):
         return ["search-cache", "--model", str(model_dir), "--out", str(out), "--generations", str(generations),
@@ -208,7 +208,22 @@ def test_search_cache_cli_on_a_tiny_pipeline(tmp_path, model_dir):
     assert resumed.exit_code == 0, resumed.output
     assert "gen   2" in resumed.output and "gen   1" not in resumed.output
     assert "device" not in json.loads((out / "pareto.json").read_text())["identity"]  # CPU keeps its identity
-    timed = invoke([*args(4), "--time-budget-minutes", "0.0001"])  # spent during generation 3: stops after it
+    # A 6 ms budget, spent during generation 3: the search stops after it. On a clock that moves
+    # only when a generation is saved, so the loop's check before generation 3 always sees the
+    # budget unspent, however slow the machine (the wall clock made this flaky under load).
+    import time
+
+    clock = {"now": time.time()}
+    real_save = ScheduleSearch._save
+
+    def save_and_tick(self, algorithm, generation):
+        real_save(self, algorithm, generation)
+        clock["now"] += 3600.0
+
+    with monkeypatch.context() as patched:
+        patched.setattr(time, "time", lambda: clock["now"])
+        patched.setattr(ScheduleSearch, "_save", save_and_tick)
+        timed = invoke([*args(4), "--time-budget-minutes", "0.0001"])
     assert timed.exit_code == 0, timed.output
     assert "gen   3" in timed.output and "gen   4" not in timed.output
     assert invoke([*args(4), "--time-budget-minutes", "-1"]).exception is not None
