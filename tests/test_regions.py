@@ -46,6 +46,25 @@ def test_auto_layout_finds_no_layout_without_two_sides_of_a_relation(prompt):
     assert auto_layout(prompt) is None
 
 
+@pytest.mark.parametrize("prompt, regions", [
+    ("a red circle to the left of a blue square",
+     [("a red circle", (0.0, 0.2, 0.5, 0.8)), ("a blue square", (0.5, 0.2, 1.0, 0.8)),
+      ("a white background", (0.0, 0.0, 1.0, 0.2)), ("a white background", (0.0, 0.8, 1.0, 1.0))]),
+    ("a red circle below a blue square on a gray background",
+     [("a red circle on a gray background", (0.2, 0.5, 0.8, 1.0)), ("a blue square on a gray background", (0.2, 0.0, 0.8, 0.5)),
+      ("a gray background", (0.0, 0.0, 0.2, 1.0)), ("a gray background", (0.8, 0.0, 1.0, 1.0))]),
+    ("A circle that is red is above two green squares, against black.",
+     [("A circle that is red, against black", (0.2, 0.0, 0.8, 0.5)), ("two green squares, against black", (0.2, 0.5, 0.8, 1.0)),
+      ("a black background", (0.0, 0.0, 0.2, 1.0)), ("a black background", (0.8, 0.0, 1.0, 1.0))]),
+])
+def test_with_a_background_prompt_the_objects_are_level_and_the_bands_beside_them_background(prompt, regions):
+    """A model that names an empty-scene prompt gets each object in the middle band of its half
+    and that prompt (or the caption's own background) in the two bands beside them."""
+    layout = auto_layout(prompt, background="a white background")
+    assert [(r.prompt, r.box) for r in layout.regions] == regions and layout.fraction == 0.6
+    assert auto_layout("two green squares", background="a white background") is None
+
+
 def test_resolve_layouts_per_prompt_and_bad_values():
     prompts = ["a red circle left of a blue square", "two green squares"]
     assert resolve_layouts(None, prompts) is None and resolve_layouts("none", prompts) is None
@@ -184,6 +203,40 @@ def test_the_layout_round_trips_through_png_parameters():
     assert GenerationInfo.from_parameters(info.to_parameters()) == info
     plain = GenerationInfo("p", "", 20, "dpm++", 2.5, 1, 128, 128, "m", "h")
     assert "Layout" not in plain.to_parameters() and GenerationInfo.from_parameters(plain.to_parameters()) == plain
+
+
+def test_a_model_folder_names_its_layout_background(pipe, tmp_path):
+    """`layout_background` travels in model_index.json (the embedded model names one); with it,
+    `auto` runs the four-region layout (2 prompt rows + 4 region rows per image while regional);
+    a bad value is refused on load."""
+    import json
+
+    from pixforge.errors import CheckpointError
+    from pixforge.sampling.pipeline import PixArtPipeline, default_model_dir
+
+    embedded = json.loads((default_model_dir() / "model_index.json").read_text())
+    assert embedded["_pixforge"]["layout_background"] == "a white background"
+    pipe.layout_background = "a white background"
+    try:
+        folder = pipe.save_pretrained(tmp_path / "model")
+    finally:
+        pipe.layout_background = None
+    loaded = PixArtPipeline.from_pretrained(folder)
+    assert loaded.layout_background == "a white background"
+    sizes = []
+    hook = loaded.transformer.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        laid = latents(loaded, RELATION, layout="auto")
+    finally:
+        hook.remove()
+    expected = auto_layout(RELATION, background="a white background")
+    assert laid.metadata[0].layout == expected.describe() and len(expected.regions) == 4
+    assert sizes[0] == 2 + 4 and sizes[-1] == 2
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_pixforge"]["layout_background"] = ""
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="layout_background"):
+        PixArtPipeline.from_pretrained(folder)
 
 
 def test_cli_generate_layout_auto_records_it_and_refuses_unknown_values(pipe, tmp_path):

@@ -487,6 +487,9 @@ class PixArtPipeline:
         # TeaCache's rescaling polynomial fitted on this model (`teacache.json` in its folder).
         self.teacache_coefficients: tuple[float, ...] | None = None
         self.cache_schedules: dict = {}  # searched schedules the model ships, usable as cache="NAME"
+        # An empty-scene prompt for layout="auto"'s bands beside the objects (model_index.json
+        # "_pixforge": "layout_background"); None: the objects get plain halves.
+        self.layout_background: str | None = None
 
     # --- sizes ------------------------------------------------------------------------
     @property
@@ -594,7 +597,8 @@ class PixArtPipeline:
             'teacache:0.1', 'first-block:0.05', 'late-dense:0.4'), a schedule JSON path or dict (ours or
             ECAD's), or a policy object; None = compute everything (see docs/acceleration.md).
         layout: regional prompting for the first steps (`pixforge.sampling.regions`): 'auto'
-            (a spatial relation in the prompt → two halves), a Layout of (prompt, box) regions,
+            (a spatial relation in the prompt → two halves; level with each other, background
+            beside, where the model names a `layout_background`), a Layout of (prompt, box) regions,
             or one per prompt; None = plain. Not combinable with `cache` (docs/generation.md).
         """
         # 1. Check everything before any work.
@@ -646,7 +650,7 @@ class PixArtPipeline:
         if searched is not None and searched.searched_on != self.model_hash:
             logger.warning("cache schedule %r was searched on model %s; these weights are %s, so its measured "
                            "accuracy does not carry over", searched.name, searched.searched_on, self.model_hash)
-        layouts = resolve_layouts(layout, prompts)
+        layouts = resolve_layouts(layout, prompts, self.layout_background)
         if layouts is not None and policy is not None:
             raise PixforgeError("layout and cache cannot be combined: regional prompting needs every step computed")
         cache_run = None if policy is None else policy.start(steps, self.transformer.config.num_layers)
@@ -843,6 +847,11 @@ class PixArtPipeline:
             if not (isinstance(coefficients, list) and coefficients and all(isinstance(c, (int, float)) for c in coefficients)):
                 raise CheckpointError(f"{index_path}: teacache_coefficients must be a list of numbers")
             pipe.teacache_coefficients = tuple(float(c) for c in coefficients)
+        background = extras.get("layout_background")
+        if background is not None:
+            if not isinstance(background, str) or not background.strip():
+                raise CheckpointError(f"{index_path}: layout_background must be a non-empty prompt")
+            pipe.layout_background = background
         if (root / MODEL_SCHEDULES_DIR).is_dir():
             try:
                 pipe.cache_schedules = load_model_schedules(root)
@@ -907,6 +916,8 @@ class PixArtPipeline:
         }
         if self.teacache_coefficients is not None:
             index["_pixforge"]["teacache_coefficients"] = list(self.teacache_coefficients)
+        if self.layout_background is not None:
+            index["_pixforge"]["layout_background"] = self.layout_background
         for name, schedule in self.cache_schedules.items():
             (root / MODEL_SCHEDULES_DIR).mkdir(exist_ok=True)
             schedule.save(root / MODEL_SCHEDULES_DIR / f"{name}.json")
