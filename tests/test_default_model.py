@@ -87,22 +87,29 @@ def test_a_fixed_prompt_and_seed_give_the_same_png_bytes_twice(tmp_path):
     assert png(tmp_path / "a") == png(tmp_path / "b")
 
 
-def test_generate_on_the_default_path_imports_neither_diffusers_nor_transformers(tmp_path):
-    # `main` leaves a successful generate with os._exit (no interpreter teardown): report there
+def console_generate(tmp_path, probe: str, steps: int = 2) -> str:
+    """Run `pixforge generate` through the console entry point (`main`) in a fresh process and
+    return what `probe` (a Python expression) printed as the process left. `main` leaves a
+    successful generate with os._exit (no interpreter teardown): the probe reports there."""
     code = (
-        "import os, sys\n"
+        "import gc, os, sys\n"
         "real_exit = os._exit\n"
         "def report(code):\n"
-        "    print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules), flush=True)\n"
+        f"    print({probe}, flush=True)\n"
         "    real_exit(code)\n"
         "os._exit = report\n"
         "from pixforge.cli import main\n"
-        f"sys.argv = ['pixforge', 'generate', 'a yellow square', '--steps', '4', '-q', '-o', {str(tmp_path)!r}]\n"
+        f"sys.argv = ['pixforge', 'generate', 'a yellow square', '--steps', '{steps}', '-q', '-o', {str(tmp_path)!r}]\n"
         "main()\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_generate_on_the_default_path_imports_neither_diffusers_nor_transformers(tmp_path):
+    loaded = console_generate(tmp_path, "sorted(m for m in ('diffusers', 'transformers') if m in sys.modules)", steps=4)
+    assert loaded == "[]"
     assert len(list(Path(tmp_path).glob("*.png"))) == 1
 
 
@@ -173,26 +180,6 @@ def test_generate_pauses_the_garbage_collector_while_loading(tmp_path, monkeypat
     done = CliRunner().invoke(app, ["generate", "a yellow square", "--steps", "2", "-q", "-o", str(tmp_path)])
     assert done.exit_code == 0, done.output
     assert seen == [False] and gc.isenabled() and gc.get_freeze_count() == frozen and not cli._console
-
-
-def console_generate(tmp_path, probe: str) -> str:
-    """Run `pixforge generate` through the console entry point (`main`) in a fresh process and
-    return what `probe` (a Python expression) printed when the PNG was about to be saved."""
-    code = (
-        "import gc, sys\n"
-        "from pixforge import cli\n"
-        "from pixforge.sampling import metadata\n"
-        "real = metadata.save_png\n"
-        "def spy(*a, **k):\n"
-        f"    print({probe}, flush=True)\n"
-        "    return real(*a, **k)\n"
-        "metadata.save_png = spy\n"
-        f"sys.argv = ['pixforge', 'generate', 'a yellow square', '--steps', '2', '-q', '-o', {str(tmp_path)!r}]\n"
-        "cli.main()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()[0]
 
 
 def test_the_console_generate_freezes_start_up_and_parses_without_pydantic(tmp_path):
