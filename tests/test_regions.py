@@ -65,6 +65,30 @@ def test_with_a_background_prompt_the_objects_are_level_and_the_bands_beside_the
     assert auto_layout("two green squares", background="a white background") is None
 
 
+def test_with_a_background_prompt_three_or_four_of_a_thing_get_one_box_each():
+    """A count of 3 or 4 → that many boxes with background between them (and above and below
+    the row of three), each box prompted with the singular phrase; other counts, several kinds
+    of object, or no background prompt → no layout."""
+    three = auto_layout("three red circles on a gray background", background="a white background")
+    objects = [r for r in three.regions if "circle" in r.prompt]
+    assert [r.prompt for r in objects] == ["a single red circle on a gray background"] * 3
+    assert {r.prompt for r in three.regions} - {objects[0].prompt} == {"a gray background"}
+    masks = {p: sum(box_mask(r.box, 16, 16) for r in three.regions if r.prompt == p) for p in {r.prompt for r in three.regions}}
+    assert torch.equal(sum(masks.values()), torch.ones(16, 16))  # the boxes tile the image
+    cells = masks[objects[0].prompt]
+    columns = "".join(str(int(v)) for v in cells.any(0).tolist())
+    assert columns == "1111001111001111"  # three columns, 2 latent px of background between
+    assert not cells[:3].any() and not cells[13:].any() and cells[3:13].sum() == 12 * 10
+    four = auto_layout("4 squares that are blue", background="a white background")
+    boxes = [r.box for r in four.regions if r.prompt == "a single square that is blue"]
+    assert len(boxes) == 4 and all(box_mask(b, 16, 16).sum() == 49 for b in boxes)  # 7×7 cells, 2 px apart
+    assert auto_layout("a photo of four boxes", background="x").regions[0].prompt == "a photo of a single box"
+    assert auto_layout("three squares, all green", background="x").regions[0].prompt == "a single square that is green"
+    for prompt in ("two green squares", "five red circles", "three glass", "three cats and a dog", "a red circle"):
+        assert auto_layout(prompt, background="a white background") is None, prompt
+    assert auto_layout("three red circles") is None  # no background prompt: no boxes to keep apart
+
+
 def test_resolve_layouts_per_prompt_and_bad_values():
     prompts = ["a red circle left of a blue square", "two green squares"]
     assert resolve_layouts(None, prompts) is None and resolve_layouts("none", prompts) is None
@@ -193,6 +217,21 @@ def test_a_mixed_batch_runs_region_rows_only_for_the_prompts_with_a_layout(pipe)
     assert torch.allclose(mixed.latents[:2], plain.latents, atol=1e-5)
 
 
+def test_regions_sharing_a_prompt_share_one_row_and_compose_the_same(pipe):
+    """Two boxes of one prompt run as one region row whose mask is both boxes; the result equals
+    two rows of prompts that encode the same (a trailing space) to float rounding."""
+    sizes = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    shared = Layout((Region("a cat", (0, 0, 0.25, 1)), Region("a dog", (0.25, 0, 0.75, 1)), Region("a cat", (0.75, 0, 1, 1))))
+    try:
+        merged = latents(pipe, RELATION, layout=shared).latents
+    finally:
+        hook.remove()
+    assert sizes[0] == 2 + 2
+    apart = Layout((Region("a cat", (0, 0, 0.25, 1)), Region("a dog", (0.25, 0, 0.75, 1)), Region("a cat ", (0.75, 0, 1, 1))))
+    assert torch.allclose(merged, latents(pipe, RELATION, layout=apart).latents, atol=1e-5)
+
+
 def test_layout_and_cache_together_are_refused(pipe):
     with pytest.raises(PixforgeError, match="layout and cache cannot be combined"):
         latents(pipe, RELATION, layout="auto", cache="fora:2")
@@ -207,7 +246,7 @@ def test_the_layout_round_trips_through_png_parameters():
 
 def test_a_model_folder_names_its_layout_background(pipe, tmp_path):
     """`layout_background` travels in model_index.json (the embedded model names one); with it,
-    `auto` runs the four-region layout (2 prompt rows + 4 region rows per image while regional);
+    `auto` runs the four-region layout (2 prompt rows + 3 region rows per image while regional);
     a bad value is refused on load."""
     import json
 
@@ -231,7 +270,7 @@ def test_a_model_folder_names_its_layout_background(pipe, tmp_path):
         hook.remove()
     expected = auto_layout(RELATION, background="a white background")
     assert laid.metadata[0].layout == expected.describe() and len(expected.regions) == 4
-    assert sizes[0] == 2 + 4 and sizes[-1] == 2
+    assert sizes[0] == 2 + 3 and sizes[-1] == 2  # the two background bands share one row
     index = json.loads((folder / "model_index.json").read_text())
     index["_pixforge"]["layout_background"] = ""
     (folder / "model_index.json").write_text(json.dumps(index))

@@ -162,7 +162,7 @@ def generate_command(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (a GPU where one is visible)."),
     binning: bool = typer.Option(False, "--bin/--no-bin", help="Generate at PixArt's nearest aspect-ratio bucket, resize to --size."),
     cache: str = typer.Option("none", "--cache", help="Feature caching across steps: fora:N | delta-dit:... | toca:... | teacache:T | first-block:T | late-dense:F | cfg-cache:N | schedule.json | a schedule the model ships (the default model: ecad, ecad-fast), and POLICY+cfg-cache:N, POLICY+icc:R (docs/acceleration.md)."),
-    layout: str = typer.Option("none", "--layout", help="Regional prompting for the first 60% of the steps: auto (a spatial relation in the prompt, 'A left of B', 'A above B', ... -> each object prompted in its half) | none (docs/generation.md)."),
+    layout: str = typer.Option("none", "--layout", help="Regional prompting for the first 60% of the steps: auto (a spatial relation in the prompt, 'A left of B', 'A above B', ... -> each object prompted in its half; with a model that names a layout background, such as the embedded one, also 'three/four Xs' -> one box per X) | none (docs/generation.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate images from a prompt; write PNGs with their settings embedded (A1111 'parameters').

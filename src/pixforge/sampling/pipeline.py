@@ -248,14 +248,22 @@ def prepare_layout(
 ) -> tuple[TextContext, torch.Tensor, list[int], torch.Tensor]:
     """Region prompts encoded after `context`'s rows → (all rows' context, masks (R, S, 1, h, w),
     regional steps per image row, the S image rows that have a layout — None when every row
-    has one). Only prompts with a layout get region rows; one with fewer regions than another
-    gets zero masks for the rest (its own prompt stands in for the missing regions)."""
+    has one). Regions of one layout that share a prompt share a row, its mask the sum of their
+    boxes' (the same ε, so the same composition: a counting layout's three "a red circle" boxes
+    and its background strips cost two rows, not seven). A prompt with fewer rows than another
+    gets zero masks for the rest (its own prompt stands in for the missing ones)."""
     chosen = [i for i, layout in enumerate(layouts) if layout is not None]
-    count = max(len(layouts[i].regions) for i in chosen)
+    grouped = []  # per chosen layout: {region prompt: [boxes]} in first-seen order
+    for i in chosen:
+        boxes: dict[str, list] = {}
+        for region in layouts[i].regions:
+            boxes.setdefault(region.prompt, []).append(region.box)
+        grouped.append(boxes)
+    count = max(len(boxes) for boxes in grouped)
     texts = [
-        layouts[i].regions[r].prompt if r < len(layouts[i].regions) else prompts[i]
+        list(boxes)[r] if r < len(boxes) else prompts[i]
         for r in range(count)
-        for i in chosen
+        for i, boxes in zip(chosen, grouped)
     ]
     text = encode_prompts(pipe.text_encoder, texts, None, max_length).to(pipe.device)
     regions = repeat_text_context(pipe.transformer.prepare_text(text.embeds, text.mask), per_prompt)
@@ -263,9 +271,9 @@ def prepare_layout(
     bias = None if context.bias is None else torch.cat([context.bias, regions.bias])
     height, width = latent_hw
     masks = torch.zeros(count, len(chosen), 1, height, width)
-    for j, i in enumerate(chosen):
-        for r, region in enumerate(layouts[i].regions):
-            masks[r, j, 0] = box_mask(region.box, height, width)
+    for j, boxes in enumerate(grouped):
+        for r, group in enumerate(boxes.values()):
+            masks[r, j, 0] = sum(box_mask(box, height, width) for box in group)
     masks = masks.repeat_interleave(per_prompt, dim=1).to(pipe.device)
     regional_steps = [0 if layout is None else layout.regional_steps(steps) for layout in layouts]
     rows = None if len(chosen) == len(layouts) else torch.tensor(

@@ -20,7 +20,11 @@ background phrase of the caption. With a `background` prompt (a model folder nam
 background"), each half is narrowed to the middle 60% across the relation's axis and the two
 bands beside it are prompted as empty background (the caption's own background phrase when it
 has one): the objects land level with each other instead of anywhere in their halves (+3.5 points
-on 780 validation position captions for the embedded model; docs/generation.md).
+on 780 validation position captions for the embedded model; docs/generation.md). With a
+background prompt `auto` also lays out counts of three or four of one thing ("three red
+circles" → a row of three boxes, "four ..." → quadrants, each "a single red circle", background
+between: `counting_layout`). Regions of one layout that share a prompt run as one batch row
+(`prepare_layout`).
 """
 from __future__ import annotations
 
@@ -110,14 +114,19 @@ def background_phrase(context: str) -> str | None:
 def auto_layout(prompt: str, fraction: float = DEFAULT_FRACTION, background: str | None = None) -> Layout | None:
     """One spatial relation in `prompt` → its layout (None when it names none): the two objects
     in halves; with `background` (an empty-scene prompt), in the middle band of their halves,
-    the bands beside prompted as background (the prompt's own background phrase if it has one)."""
+    the bands beside prompted as background (the prompt's own background phrase if it has one).
+    With `background`, also a count of three or four of one thing ("three red circles") → one
+    box per object, each prompted with the singular ("a single red circle"), background between."""
     text = " ".join(prompt.split())
     tail = _BACKGROUND_TAIL.search(text)
     context = text[tail.start():].rstrip(" .") if tail else ""
     body = text[: tail.start()] if tail else text.rstrip(" .")
     found = find_relation(body.lower())
     if found is None:
-        return None
+        if background is None:
+            return None
+        filler = background_phrase(context) or background
+        return counting_layout(body, context, filler, fraction)
     match, relation = found
     subject, obj = body[: match.start()].strip(" ,"), body[match.end():].strip(" ,")
     if not subject or not obj:
@@ -134,6 +143,67 @@ def auto_layout(prompt: str, fraction: float = DEFAULT_FRACTION, background: str
         bands = ((0.0, 0.0, BAND, 1.0), (1 - BAND, 0.0, 1.0, 1.0))
     return Layout((Region(subject + context, boxes[0]), Region(obj + context, boxes[1]),
                    *(Region(filler, band) for band in bands)), fraction)
+
+
+_COUNT = re.compile(r"^((?:(?:a|an)\s+(?:photo|picture|image|drawing|render)\s+of\s+)?)(three|four|3|4)\s+(\S.*)$", re.I)
+_COUNT_CLAUSE = re.compile(r"\s+that\s+are\s+|,\s*(?:all|each|both)\s+", re.I)
+_CONJUNCTION = re.compile(r"\b(?:and|with|plus|together\s+with|as\s+well\s+as|next\s+to)\b|[,;]", re.I)
+
+
+def singular_phrase(plural: str) -> str | None:
+    """'blue squares' → 'blue square'; 'squares that are blue' / 'squares, all blue' → 'square
+    that is blue'; 'orange boxes' → 'orange box'. None when the head noun is not a regular plural."""
+    parts = _COUNT_CLAUSE.split(plural, maxsplit=1)
+    head, clause = parts[0].strip(), (parts[1].strip() if len(parts) > 1 else "")
+    if not head or _CONJUNCTION.search(head) or (clause and _CONJUNCTION.search(clause)):
+        return None
+    *words, noun = head.split()
+    low = noun.lower()
+    if low.endswith("ies") and len(low) > 4:
+        noun = noun[:-3] + "y"
+    elif low.endswith(("ches", "shes", "sses", "xes", "zes")):
+        noun = noun[:-2]
+    elif low.endswith("s") and not low.endswith("ss") and len(low) > 2:
+        noun = noun[:-1]
+    else:
+        return None
+    phrase = " ".join([*words, noun])
+    return f"{phrase} that is {clause}" if clause else phrase
+
+
+def counting_layout(body: str, context: str, filler: str, fraction: float = DEFAULT_FRACTION) -> Layout | None:
+    """'three red circles' / 'four squares that are blue' → one box per object (COUNT_BOXES), each
+    prompted with the singular ("a single red circle", + the caption's background context), the gaps between the
+    boxes and the bands beside them prompted as `filler`. None for other captions and counts."""
+    match = _COUNT.match(body.strip(" ,"))
+    if match is None:
+        return None
+    prefix, number, rest = match.groups()
+    count = {"three": 3, "four": 4}.get(number.lower()) or int(number)
+    one = singular_phrase(rest.strip(" ,"))
+    if one is None:
+        return None
+    one = f"{prefix}a single {one}"  # "a single": +3.7 ± 2.5 points over "a" (docs/generation.md)
+    objects, empty = COUNT_BOXES[count]
+    return Layout((*(Region(one + context, box) for box in objects), *(Region(filler, box) for box in empty)), fraction)
+
+
+def _count_boxes(gap: float, band: float) -> dict[int, tuple[tuple, tuple]]:
+    """count → (object boxes, background boxes): three columns in the middle band of the height
+    (background bands above and below), four quadrants; `gap` of background between neighbours."""
+    g = gap / 2
+    thirds = ((0.0, 1 / 3 - g), (1 / 3 + g, 2 / 3 - g), (2 / 3 + g, 1.0))
+    three = tuple((left, band, right, 1 - band) for left, right in thirds)
+    three_empty = ((0.0, 0.0, 1.0, band), (0.0, 1 - band, 1.0, 1.0),
+                   (1 / 3 - g, band, 1 / 3 + g, 1 - band), (2 / 3 - g, band, 2 / 3 + g, 1 - band))
+    halves = ((0.0, 0.5 - g), (0.5 + g, 1.0))
+    four = tuple((left, top, right, bottom) for top, bottom in halves for left, right in halves)
+    four_empty = ((0.5 - g, 0.0, 0.5 + g, 1.0), (0.0, 0.5 - g, 0.5 - g, 0.5 + g), (0.5 + g, 0.5 - g, 1.0, 0.5 + g))
+    return {3: (three, three_empty), 4: (four, four_empty)}
+
+
+COUNT_GAP = 0.125  # background between neighbouring object boxes, fraction of the side (2 latent px at 128²)
+COUNT_BOXES = _count_boxes(COUNT_GAP, BAND)
 
 
 def resolve_layouts(layout, prompts: list[str], background: str | None = None) -> list[Layout | None] | None:
