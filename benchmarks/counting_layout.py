@@ -1,12 +1,12 @@
 """Counting captions with regional boxes, one per counted object: arms on the same captions and
 seeds, paired against plain sampling (docs/generation.md, "Counting: one box per object").
 
-    MIN_N=3 python benchmarks/counting_layout.py validation 800 2400 \
-        plain,grid:0.0625,grid:0.0625:0.6:a_single,grid:0.1,grid:0.0625:0.7 out.json
-    MIN_N=3 python benchmarks/counting_layout.py validation 2400 4800 plain,auto out.json
+    python benchmarks/counting_layout.py --first 800 --last 2400 --min-count 3 \
+        --arms plain,grid:0.0625,grid:0.0625:0.6:a_single,grid:0.1,grid:0.0625:0.7 --out out.json
+    python benchmarks/counting_layout.py --first 2400 --last 4800 --min-count 3 --arms plain,auto --out out.json
 
 Counting captions among samples [first, last) of the split (a third paraphrased, as the model's
-evaluation; MIN_N: only counts >= MIN_N), batches of 16 seeded by their first caption's ordinal,
+evaluation; only counts >= --min-count), batches of 16 seeded by their first caption's ordinal,
 20 dpm++ steps, the model's CFG. Arms: `plain`; `auto` (the product: `layout="auto"` with the
 model's layout_background); `grid:INSET[:FRACTION[:FORM]]` (this script's boxes: a row of N
 boxes for 2-3 objects in the middle band of the height, quadrants for 4, INSET of background
@@ -15,10 +15,9 @@ phrase; FORM "a" or "a_single"). The shipped geometry equals `grid:0.0625:0.6:a_
 prompts differ only for paraphrased captions (the product makes the caption's own phrase
 singular: "a single square that is blue").
 """
+import argparse
 import json
 import math
-import os
-import sys
 import time
 
 import numpy as np
@@ -67,13 +66,20 @@ def layout_for(caption, filler, inset, frac=0.6, form="a"):
 
 
 def main():
-    split, first, last, arms = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
-    out = sys.argv[5]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--first", type=int, default=0)
+    parser.add_argument("--last", type=int, default=800)
+    parser.add_argument("--min-count", type=int, default=2)
+    parser.add_argument("--arms", default="plain,auto", help="comma-separated: plain | auto | grid:INSET[:FRACTION[:FORM]]")
+    parser.add_argument("--out", default="benchmarks/results/counting_layout.json")
+    args = parser.parse_args()
+    split, first, last, arms, out = args.split, args.first, args.last, args.arms.split(","), args.out
     torch.set_grad_enabled(False)
     pipe = load_pipeline()
     plain, para = WorldConfig(), WorldConfig(paraphrase=True)
     items = [sample(i, split, para if (i * 0.6180339887498949) % 1.0 < 0.33 else plain) for i in range(first, last)]
-    cnt = [it for it in items if it.scene.category == "counting" and len(it.scene.objects) >= int(os.environ.get("MIN_N", "2"))]
+    cnt = [it for it in items if it.scene.category == "counting" and len(it.scene.objects) >= args.min_count]
     print(len(cnt), "counting captions", flush=True)
     res = {}
     for arm in arms:
