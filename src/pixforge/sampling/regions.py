@@ -173,8 +173,9 @@ def singular_phrase(plural: str) -> str | None:
 
 def counting_layout(body: str, context: str, filler: str, fraction: float = DEFAULT_FRACTION) -> Layout | None:
     """'three red circles' / 'four squares that are blue' → one box per object (COUNT_BOXES), each
-    prompted with the singular ("a single red circle", + the caption's background context), the gaps between the
-    boxes and the bands beside them prompted as `filler`. None for other captions and counts."""
+    prompted with the singular ("a single red circle", + the caption's background context), the
+    gaps between the boxes and the bands beside them prompted as `filler`. None for other
+    captions and counts."""
     match = _COUNT.match(body.strip(" ,"))
     if match is None:
         return None
