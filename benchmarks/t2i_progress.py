@@ -51,6 +51,7 @@ def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: in
     items = [sample(i, "test", para if (i * 0.6180339887498949) % 1.0 < paraphrased else plain) for i in range(n)]
     stats = defaultdict(lambda: [0, 0])
     failures = []
+    verdicts = []  # per prompt, in order: two runs on the same prompts and seeds can be paired
     generated = []
     start = time.time()
     for first in range(0, n, batch):
@@ -61,13 +62,15 @@ def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: in
             if fid:
                 generated.append(image)
             outcome = check(image, item.caption)
+            verdicts.append(int(outcome.passed))
             stats[item.scene.category][0] += outcome.passed
             stats[item.scene.category][1] += 1
             if not outcome.passed and len(failures) < 8:
                 failures.append(f"{item.caption!r}: {outcome.reason}")
     passed, total = sum(v[0] for v in stats.values()), sum(v[1] for v in stats.values())
     result = {"overall": passed / total, "n": total, "seconds": time.time() - start,
-              "per_category": {k: v[0] / v[1] for k, v in sorted(stats.items())}, "failures": failures}
+              "per_category": {k: v[0] / v[1] for k, v in sorted(stats.items())}, "failures": failures,
+              "passed": verdicts, "categories": [item.scene.category for item in items]}
     if fid:  # in-domain FID/KID against the renders of the same test scenes
         from pixforge.eval.metrics import fid as fid_score, kid, load_feature_net
 
