@@ -1,5 +1,5 @@
-"""Spatial relation phrases of English captions, shared by the shapes world's caption parser
-and the pipeline's automatic layouts (`pixforge.sampling.regions.auto_layout`). Only `re`:
+"""Spatial relation and conjunction phrases of English captions, shared by the shapes world's
+caption parser and the pipeline's automatic layouts (`pixforge.sampling.regions.auto_layout`). Only `re`:
 the shapes world and its checker stay free of torch.
 
 Relation names follow GenEval ("left of", "right of", "above", "below"): the relation of the
@@ -27,3 +27,7 @@ def find_relation(lowered: str) -> tuple[re.Match, str] | None:
         if match is not None:
             return match, relation
     return None
+
+
+# Words that join two things in one caption ("a red circle and a blue square"); lower-case text.
+CONJUNCTION = re.compile(r"\b(?:and|together\s+with|as\s+well\s+as|plus|next\s+to|with)\b")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from pixforge.errors import PixforgeError
-from pixforge.relations import find_relation
+from pixforge.relations import CONJUNCTION, find_relation
 
 DEFAULT_FRACTION = 0.6  # of the sampling steps: 12 of 20 measured best (docs/generation.md)
 BAND = 0.2  # with a background prompt: the bands beside each object's box, as a fraction of the side
@@ -121,20 +121,17 @@ def auto_layout(prompt: str, fraction: float = DEFAULT_FRACTION, background: str
     tail = _BACKGROUND_TAIL.search(text)
     context = text[tail.start():].rstrip(" .") if tail else ""
     body = text[: tail.start()] if tail else text.rstrip(" .")
+    filler = None if background is None else background_phrase(context) or background
     found = find_relation(body.lower())
     if found is None:
-        if background is None:
-            return None
-        filler = background_phrase(context) or background
-        return counting_layout(body, context, filler, fraction)
+        return None if filler is None else counting_layout(body, context, filler, fraction)
     match, relation = found
     subject, obj = body[: match.start()].strip(" ,"), body[match.end():].strip(" ,")
     if not subject or not obj:
         return None
     boxes = RELATION_HALVES[relation]
-    if background is None:
+    if filler is None:
         return Layout((Region(subject + context, boxes[0]), Region(obj + context, boxes[1])), fraction)
-    filler = background_phrase(context) or background
     if relation in ("left of", "right of"):  # level: the middle band of the height
         boxes = [(left, BAND, right, 1 - BAND) for left, _, right, _ in boxes]
         bands = ((0.0, 0.0, 1.0, BAND), (0.0, 1 - BAND, 1.0, 1.0))
@@ -147,7 +144,6 @@ def auto_layout(prompt: str, fraction: float = DEFAULT_FRACTION, background: str
 
 _COUNT = re.compile(r"^((?:(?:a|an)\s+(?:photo|picture|image|drawing|render)\s+of\s+)?)(three|four|3|4)\s+(\S.*)$", re.I)
 _COUNT_CLAUSE = re.compile(r"\s+that\s+are\s+|,\s*(?:all|each|both)\s+", re.I)
-_CONJUNCTION = re.compile(r"\b(?:and|with|plus|together\s+with|as\s+well\s+as|next\s+to)\b|[,;]", re.I)
 
 
 def singular_phrase(plural: str) -> str | None:
@@ -155,7 +151,7 @@ def singular_phrase(plural: str) -> str | None:
     that is blue'; 'orange boxes' → 'orange box'. None when the head noun is not a regular plural."""
     parts = _COUNT_CLAUSE.split(plural, maxsplit=1)
     head, clause = parts[0].strip(), (parts[1].strip() if len(parts) > 1 else "")
-    if not head or _CONJUNCTION.search(head) or (clause and _CONJUNCTION.search(clause)):
+    if not head or any(CONJUNCTION.search(part.lower()) or re.search("[,;]", part) for part in (head, clause)):
         return None
     *words, noun = head.split()
     low = noun.lower()

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pixforge.errors import PixforgeError
-from pixforge.relations import find_relation
+from pixforge.relations import CONJUNCTION, find_relation
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 38, 38),
@@ -442,7 +442,6 @@ _BACKGROUND_PATTERN = re.compile(
     r"[,;]?\s*(?:\b(?:on|against|with|over)\s+)?(?:\b(?:a|an|the)\s+)?\b(white|gray|grey|black)"
     r"(?:\s+background\b|\s*$)"
 )
-_CONJUNCTION_PATTERN = re.compile(r"\b(?:and|together\s+with|as\s+well\s+as|plus|next\s+to|with)\b")
 
 
 def parse_caption(text: str) -> CaptionSpec:
@@ -469,7 +468,7 @@ def parse_caption(text: str) -> CaptionSpec:
 
     # Split at conjunctions; a piece naming no shape ("both blue") belongs to the previous one.
     pieces: list[str] = []
-    for piece in _CONJUNCTION_PATTERN.split(clean):
+    for piece in CONJUNCTION.split(clean):
         if pieces and not any(w in _SHAPE_WORDS for w in _words(piece)):
             pieces[-1] += " " + piece
         else:
