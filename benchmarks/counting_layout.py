@@ -17,16 +17,15 @@ singular: "a single square that is blue").
 """
 import argparse
 import json
-import math
 import time
 
 import numpy as np
 import torch
 
-from pixforge.eval.shapes import check
+from pixforge.eval.bench import checker_passes, evaluation_items, paired_delta
 from pixforge.sampling.pipeline import load_pipeline
 from pixforge.sampling.regions import Layout, Region
-from pixforge.shapes.world import WorldConfig, sample, parse_caption, article
+from pixforge.shapes.world import article, parse_caption
 
 B = 0.2  # the bands above and below a row of boxes, as regions.BAND
 
@@ -77,35 +76,28 @@ def main():
     split, first, last, arms, out = args.split, args.first, args.last, args.arms.split(","), args.out
     torch.set_grad_enabled(False)
     pipe = load_pipeline()
-    plain, para = WorldConfig(), WorldConfig(paraphrase=True)
-    items = [sample(i, split, para if (i * 0.6180339887498949) % 1.0 < 0.33 else plain) for i in range(first, last)]
-    cnt = [it for it in items if it.scene.category == "counting" and len(it.scene.objects) >= args.min_count]
+    cnt = [it for it in evaluation_items(first, last, split)
+           if it.scene.category == "counting" and len(it.scene.objects) >= args.min_count]
     print(len(cnt), "counting captions", flush=True)
     res = {}
     for arm in arms:
-        t0, passed = time.time(), []
-        for f in range(0, len(cnt), 16):
-            chunk = cnt[f:f + 16]
-            if arm == "plain":
-                layouts = None
-            elif arm == "auto":
-                layouts = "auto"
-            else:
-                inset = float(arm.split(":")[1]) if ":" in arm else 0.0
-                parts = arm.split(":")
-                frac = float(parts[2]) if len(parts) > 2 else 0.6
-                form = parts[3].replace("_", " ") if len(parts) > 3 else "a"
-                layouts = [layout_for(it.caption, pipe.layout_background, inset, frac, form) for it in chunk]
-            imgs = pipe([it.caption for it in chunk], seed=f, progress=False, layout=layouts).images
-            passed += [int(check(im, it.caption).passed) for im, it in zip(imgs, chunk)]
-        res[arm] = passed
+        t0 = time.time()
+        if arm == "plain":
+            layouts = None
+        elif arm == "auto":
+            layouts = "auto"
+        else:
+            parts = arm.split(":")
+            inset = float(parts[1]) if len(parts) > 1 else 0.0
+            frac = float(parts[2]) if len(parts) > 2 else 0.6
+            form = parts[3].replace("_", " ") if len(parts) > 3 else "a"
+            layouts = [layout_for(it.caption, pipe.layout_background, inset, frac, form) for it in cnt]
+        res[arm] = passed = checker_passes(pipe, cnt, 20, batch=16, layout=layouts)
         by = {n: [p for p, it in zip(passed, cnt) if len(it.scene.objects) == n] for n in (2, 3, 4)}
         by = {n: round(100 * float(np.mean(v)), 1) for n, v in by.items() if v}
         print(arm, f"{100*np.mean(passed):.1f}%", by, f"{time.time()-t0:.0f}s", flush=True)
-    base = np.array(res[arms[0]])
     for arm in arms[1:]:
-        d = np.array(res[arm]) - base
-        print(f"{arm} - {arms[0]}: {100*d.mean():+.1f} ± {100*d.std(ddof=1)/math.sqrt(len(d)):.1f}", flush=True)
+        print(f"{arm} - {arms[0]}: {paired_delta(res[arm], res[arms[0]])}", flush=True)
     json.dump({"split": split, "first": first, "last": last, "passed": res,
                "counts": [len(it.scene.objects) for it in cnt], "captions": [it.caption for it in cnt]}, open(out, "w"))
 

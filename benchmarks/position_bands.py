@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
 import torch
 
 from pixforge.errors import PixforgeError
-from pixforge.eval.shapes import check
+from pixforge.eval.bench import checker_passes, evaluation_items, paired_delta
 from pixforge.sampling.pipeline import load_pipeline
 from pixforge.sampling.regions import BAND, auto_layout
-from pixforge.shapes.world import WorldConfig, sample
 
 
 def main() -> None:
@@ -45,26 +43,17 @@ def main() -> None:
     pipe = load_pipeline()
     if pipe.layout_background is None:
         raise PixforgeError("the model names no layout_background: its auto layouts are the halves alone")
-    plain, para = WorldConfig(), WorldConfig(paraphrase=True)
-    items = [sample(i, args.split, para if (i * 0.6180339887498949) % 1.0 < 0.33 else plain)
-             for i in range(args.first, args.last)]
-    pos = [item for item in items if item.scene.category == "position"]
+    pos = [item for item in evaluation_items(args.first, args.last, args.split) if item.scene.category == "position"]
     print(len(pos), "position captions", flush=True)
     arm = f"fill{BAND:g}"  # the stored results' name for the level arm
     results = {}
     for name in ("halves", arm):
-        start, passed = time.time(), []
-        for first in range(0, len(pos), 16):
-            chunk = pos[first:first + 16]
-            background = None if name == "halves" else pipe.layout_background
-            layouts = [auto_layout(item.caption, background=background) for item in chunk]
-            images = pipe([item.caption for item in chunk], seed=first, progress=False, layout=layouts).images
-            passed += [int(check(image, item.caption).passed) for image, item in zip(images, chunk)]
-        results[name] = passed
-        print(name, f"{100 * np.mean(passed):.1f}%", f"{time.time() - start:.0f}s", flush=True)
-    d = np.array(results[arm]) - np.array(results["halves"])
-    print(f"paired {arm} - halves: {100 * d.mean():+.1f} ± {100 * d.std(ddof=1) / math.sqrt(len(d)):.1f} "
-          f"(lost {(d < 0).sum()}, gained {(d > 0).sum()}; n={len(d)})")
+        start = time.time()
+        background = None if name == "halves" else pipe.layout_background
+        layouts = [auto_layout(item.caption, background=background) for item in pos]
+        results[name] = checker_passes(pipe, pos, 20, batch=16, layout=layouts)
+        print(name, f"{100 * np.mean(results[name]):.1f}%", f"{time.time() - start:.0f}s", flush=True)
+    print(f"paired {arm} - halves: {paired_delta(results[arm], results['halves'])}")
     with open(args.out, "w") as handle:
         json.dump({"split": args.split, "first": args.first, "last": args.last, "passed": results}, handle)
 

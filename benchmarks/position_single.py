@@ -5,42 +5,47 @@ prompted "a single ..." (as the counting boxes are), same captions and seeds, pa
 
 Writes benchmarks/results/position_single_{first}.json. A lead, not shipped (docs/generation.md).
 """
-import json, math, re, sys, time
-import numpy as np, torch
-from pixforge.eval.shapes import check
+import json
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+from pixforge.eval.bench import checker_passes, evaluation_items, paired_delta
 from pixforge.sampling.pipeline import load_pipeline
-from pixforge.sampling.regions import auto_layout, Layout, Region
-from pixforge.shapes.world import WorldConfig, sample
-first, last = int(sys.argv[1]), int(sys.argv[2])
-torch.set_grad_enabled(False)
-pipe = load_pipeline()
-bg = pipe.layout_background
-plain, para = WorldConfig(), WorldConfig(paraphrase=True)
-items = [sample(i, "validation", para if (i * 0.6180339887498949) % 1.0 < 0.33 else plain) for i in range(first, last)]
-pos = [it for it in items if it.scene.category == "position"]
-print(len(pos), "position captions", flush=True)
-def single(layout):
-    regs = []
-    for k, r in enumerate(layout.regions):
-        p = r.prompt
-        if k < 2 and re.match(r"^(?:a\s+single|one|single)\s", p, re.I):
-            pass
-        elif k < 2:
-            p = re.sub(r"^(?:a|an)\s+", "a single ", p, flags=re.I) if re.match(r"^(?:a|an)\s", p, re.I) else "a single " + p
-        regs.append(Region(p, r.box))
-    return Layout(tuple(regs), layout.fraction)
-res = {}
-for arm in ("auto", "single"):
-    t0, passed = time.time(), []
-    for f in range(0, len(pos), 16):
-        chunk = pos[f:f+16]
-        lays = [auto_layout(it.caption, background=bg) for it in chunk]
-        if arm == "single":
-            lays = [single(l) for l in lays]
-        imgs = pipe([it.caption for it in chunk], seed=f, progress=False, layout=lays).images
-        passed += [int(check(im, it.caption).passed) for im, it in zip(imgs, chunk)]
-    res[arm] = passed
-    print(arm, f"{100*np.mean(passed):.1f}%", f"{time.time()-t0:.0f}s", flush=True)
-d = np.array(res["single"]) - np.array(res["auto"])
-print(f"single - auto: {100*d.mean():+.1f} ± {100*d.std(ddof=1)/math.sqrt(len(d)):.1f} (lost {(d<0).sum()}, gained {(d>0).sum()}; n={len(d)})", flush=True)
-json.dump({"first": first, "last": last, "passed": res, "captions": [it.caption for it in pos]}, open(f"benchmarks/results/position_single_{first}.json", "w"))
+from pixforge.sampling.regions import Layout, Region, auto_layout
+
+
+def single(layout: Layout) -> Layout:
+    """The layout with its two object boxes prompted "a single ..." ("one"/"a single" kept)."""
+    regions = []
+    for k, region in enumerate(layout.regions):
+        prompt = region.prompt
+        if k < 2 and not re.match(r"^(?:a\s+single|one|single)\s", prompt, re.I):
+            prompt = re.sub(r"^(?:a|an)\s+", "a single ", prompt, flags=re.I) if re.match(r"^(?:a|an)\s", prompt, re.I) \
+                else "a single " + prompt
+        regions.append(Region(prompt, region.box))
+    return Layout(tuple(regions), layout.fraction)
+
+
+def main() -> None:
+    first, last = int(sys.argv[1]), int(sys.argv[2])
+    torch.set_grad_enabled(False)
+    pipe = load_pipeline()
+    pos = [item for item in evaluation_items(first, last, "validation") if item.scene.category == "position"]
+    print(len(pos), "position captions", flush=True)
+    shipped = [auto_layout(item.caption, background=pipe.layout_background) for item in pos]
+    res = {}
+    for arm, layouts in (("auto", shipped), ("single", [single(layout) for layout in shipped])):
+        start = time.time()
+        res[arm] = checker_passes(pipe, pos, 20, batch=16, layout=layouts)
+        print(arm, f"{100 * np.mean(res[arm]):.1f}%", f"{time.time() - start:.0f}s", flush=True)
+    print(f"single - auto: {paired_delta(res['single'], res['auto'])}", flush=True)
+    with open(f"benchmarks/results/position_single_{first}.json", "w") as handle:
+        json.dump({"first": first, "last": last, "passed": res, "captions": [item.caption for item in pos]}, handle)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pixforge.eval.bench import evaluation_items
 from pixforge.eval.shapes import check
-from pixforge.shapes.world import WorldConfig, sample
 
 
 def load(path: str, max_text_tokens: int, device: str = "cpu", vae_override: str | None = None,
@@ -47,8 +47,7 @@ def load(path: str, max_text_tokens: int, device: str = "cpu", vae_override: str
 
 def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16, fid: bool = False,
              layout: str | None = None) -> dict:
-    plain, para = WorldConfig(), WorldConfig(paraphrase=True)
-    items = [sample(i, "test", para if (i * 0.6180339887498949) % 1.0 < paraphrased else plain) for i in range(n)]
+    items = evaluation_items(0, n, "test", paraphrased)
     stats = defaultdict(lambda: [0, 0])
     failures = []
     verdicts = []  # per prompt, in order: two runs on the same prompts and seeds can be paired

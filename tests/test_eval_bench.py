@@ -11,10 +11,11 @@ class RenderingPipe:
 
     def __init__(self, items, blank=()):
         self.renders = {item.caption: item.image for item in items}
-        self.blank, self.calls = set(blank), []
+        self.blank, self.calls, self.layouts = set(blank), [], []
 
-    def __call__(self, prompts, num_inference_steps, seed, progress, cache):
+    def __call__(self, prompts, num_inference_steps, seed, progress, cache, layout=None):
         self.calls.append((len(prompts), seed, num_inference_steps, cache))
+        self.layouts.append(layout)
         images = [self.renders[p].point(lambda v: 128) if p in self.blank else self.renders[p] for p in prompts]
         return SimpleNamespace(images=images)
 
@@ -28,6 +29,35 @@ def test_checker_passes_chunks_seeds_and_verdicts():
     seen = []
     assert checker_passes(pipe, items, steps=20, batch=3, on_result=lambda out: seen.append(len(out.images))) == passes
     assert seen == [3, 3, 1]  # every chunk's result, in order
+
+
+def test_checker_passes_hands_each_chunk_its_items_layouts():
+    """One layout for every chunk, or one per item sliced chunk by chunk (the layout benchmarks)."""
+    items = [sample(i, "test", WorldConfig()) for i in range(5)]
+    pipe = RenderingPipe(items)
+    assert checker_passes(pipe, items, steps=20, batch=2, layout="auto") == [1] * 5
+    assert pipe.layouts == ["auto"] * 3
+    pipe.layouts.clear()
+    checker_passes(pipe, items, steps=20, batch=2, layout=["a", None, "c", "d", "e"])
+    assert pipe.layouts == [["a", None], ["c", "d"], ["e"]]
+
+
+def test_evaluation_items_are_the_default_models_evaluation_draw():
+    """Samples first..last-1, paraphrased by the training data's golden-ratio rule (a third)."""
+    from pixforge.eval.bench import evaluation_items
+
+    items = evaluation_items(10, 40, "validation")
+    assert [item.caption for item in items] == [
+        sample(i, "validation", WorldConfig(paraphrase=(i * 0.6180339887498949) % 1.0 < 0.33)).caption
+        for i in range(10, 40)]
+    assert 8 <= sum((i * 0.6180339887498949) % 1.0 < 0.33 for i in range(10, 40)) <= 12
+
+
+def test_paired_delta_reports_the_mean_difference_and_its_standard_error():
+    from pixforge.eval.bench import paired_delta
+
+    assert paired_delta([1, 1, 0, 1], [0, 1, 0, 1]) == "+25.0 ± 25.0 (lost 0, gained 1; n=4)"
+    assert paired_delta([0, 1, 1, 0], [1, 0, 1, 0]) == "+0.0 ± 40.8 (lost 1, gained 1; n=4)"
 
 
 def test_a_check_pool_gives_the_checkers_verdicts_in_order():

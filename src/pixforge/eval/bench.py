@@ -2,6 +2,7 @@
 contender alike), median with min–max."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
@@ -40,6 +41,27 @@ def shapes_items(n: int, split: str = "validation") -> list:
     return [sample(i, split, paraphrased if i % 3 == 2 else plain) for i in range(n)]
 
 
+def evaluation_items(first: int, last: int, split: str = "test", paraphrased: float = 0.33) -> list:
+    """Shapes-world samples first..last-1 of `split` as the default model's evaluation draws them
+    (benchmarks/t2i_progress.py, the layout benchmarks): sample i paraphrased when
+    (i·0.618… mod 1) < `paraphrased`, the training data's rule (a third, spread evenly, at 0.33)."""
+    from pixforge.shapes.world import WorldConfig, sample
+
+    plain, para = WorldConfig(), WorldConfig(paraphrase=True)
+    return [sample(i, split, para if (i * 0.6180339887498949) % 1.0 < paraphrased else plain)
+            for i in range(first, last)]
+
+
+def paired_delta(ours: list[int], base: list[int]) -> str:
+    """Two arms' pass/fail verdicts on the same prompts and seeds → '+2.3 ± 1.8 (lost 21,
+    gained 30; n=395)': the mean paired difference in points ± its standard error."""
+    d = [a - b for a, b in zip(ours, base, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else 0.0
+    return f"{100 * mean:+.1f} ± {100 * se:.1f} (lost {d.count(-1)}, gained {d.count(1)}; n={n})"
+
+
 def stored_no_cache_verdicts(path, prompts: int, steps: int, split: str, first_prompt: int) -> list[int]:
     """The no-cache pass/fail verdicts stored by an earlier benchmark run (benchmarks/cache.py: a
     row whose "policy" is "none"; benchmarks/cache_ablate.py: "variant") on exactly these prompts,
@@ -58,20 +80,22 @@ def stored_no_cache_verdicts(path, prompts: int, steps: int, split: str, first_p
 
 
 def checker_passes(pipe, items, steps: int, cache=None, batch: int = 25, on_result=None,
-                   checker=None) -> list[int]:
+                   checker=None, layout=None) -> list[int]:
     """The shapes checker's verdict (1 pass, 0 fail) on one generation per item (`items`:
     shapes-world samples), in chunks of `batch` prompts seeded with the index of their first
     item, so every policy or schedule compared sees the same prompts and seeds. `on_result`,
     if given, sees each chunk's pipeline result (e.g. to count the MACs an adaptive cache spent).
-    `checker`: a CheckPool (checking in worker processes while the next chunk generates)."""
+    `checker`: a CheckPool (checking in worker processes while the next chunk generates).
+    `layout`: the pipeline's `layout` for every chunk, or a list with one entry per item."""
     from pixforge.eval.shapes import CheckPool
 
     checker = checker or CheckPool(0)
     pending = []
     for first in range(0, len(items), batch):
         chunk = items[first:first + batch]
+        chunk_layout = layout[first:first + batch] if isinstance(layout, list) else layout
         out = pipe([item.caption for item in chunk], num_inference_steps=steps, seed=first, progress=False,
-                   cache=cache)
+                   cache=cache, layout=chunk_layout)
         if on_result is not None:
             on_result(out)
         pending.append(checker.submit(out.images, [item.caption for item in chunk]))
