@@ -3,9 +3,14 @@ finished pipeline folder: the number to watch while the default model trains.
 
     python benchmarks/t2i_progress.py runs/t2i --n 48            # a run in progress
     python benchmarks/t2i_progress.py src/pixforge/assets/default --n 600 --paraphrased 0.33
+    python benchmarks/t2i_progress.py runs/t2i-ft3 --split validation --first 6000 --n 600 \
+        --pair benchmarks/results/shipped_val6000.json     # pick on validation, paired
 
-Test-split prompts (a fraction paraphrased, never seen in training), one image each,
-seed = index, 20 dpm++ steps, CFG --cfg; scored by the shapes checker per category.
+Test-split prompts by default (a fraction paraphrased, never seen in training), one image each,
+seed = index, 20 dpm++ steps, CFG --cfg; scored by the shapes checker per category. `--split
+validation --first F` scores validation prompts F.. instead (to choose between models without
+looking at the test prompts); `--pair OTHER.json` prints the paired difference against another
+run's stored verdicts on the same prompts and seeds.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pixforge.eval.bench import evaluation_items
+from pixforge.eval.bench import evaluation_items, paired_delta
 from pixforge.eval.shapes import check
 
 
@@ -46,8 +51,8 @@ def load(path: str, max_text_tokens: int, device: str = "cpu", vae_override: str
 
 
 def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16, fid: bool = False,
-             layout: str | None = None) -> dict:
-    items = evaluation_items(0, n, "test", paraphrased)
+             layout: str | None = None, split: str = "test", first_prompt: int = 0) -> dict:
+    items = evaluation_items(first_prompt, first_prompt + n, split, paraphrased)
     stats = defaultdict(lambda: [0, 0])
     failures = []
     verdicts = []  # per prompt, in order: two runs on the same prompts and seeds can be paired
@@ -56,7 +61,7 @@ def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: in
     for first in range(0, n, batch):
         chunk = items[first:first + batch]
         result = pipe([item.caption for item in chunk], height=128, width=128, num_inference_steps=steps,
-                      guidance_scale=cfg, seed=first, progress=False, layout=layout)
+                      guidance_scale=cfg, seed=first_prompt + first, progress=False, layout=layout)
         for item, image in zip(chunk, result.images):
             if fid:
                 generated.append(image)
@@ -67,7 +72,8 @@ def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: in
             if not outcome.passed and len(failures) < 8:
                 failures.append(f"{item.caption!r}: {outcome.reason}")
     passed, total = sum(v[0] for v in stats.values()), sum(v[1] for v in stats.values())
-    result = {"overall": passed / total, "n": total, "seconds": time.time() - start,
+    result = {"overall": passed / total, "n": total, "split": split, "first_prompt": first_prompt,
+              "seconds": time.time() - start,
               "per_category": {k: v[0] / v[1] for k, v in sorted(stats.items())}, "failures": failures,
               "passed": verdicts, "categories": [item.scene.category for item in items]}
     if fid:  # in-domain FID/KID against the renders of the same test scenes
@@ -94,13 +100,16 @@ def main() -> None:
     parser.add_argument("--vae", default=None, help="decode with this VAE folder instead of the model's")
     parser.add_argument("--batch", type=int, default=16, help="prompts per generation call")
     parser.add_argument("--layout", default=None, help="regional prompting: auto | none (docs/generation.md)")
+    parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--first", type=int, default=0, help="first prompt index of the split")
+    parser.add_argument("--pair", default=None, help="another run's --out JSON on the same prompts: paired delta")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     pipe, step = load(args.path, args.max_text_tokens, args.device, args.vae)
     if args.cfg is None:
         args.cfg = pipe.guidance_scale
     result = evaluate(pipe, args.n, args.paraphrased, args.cfg, args.steps, batch=args.batch, fid=args.fid,
-                      layout=args.layout)
+                      layout=args.layout, split=args.split, first_prompt=args.first)
     result["step"] = step
     result["layout"] = args.layout or "none"
     where = f" (step {step})" if step is not None else ""
@@ -113,6 +122,14 @@ def main() -> None:
               f"(vs the renders of the same {result['n']} test scenes)")
     for line in result["failures"]:
         print("  fail:", line)
+    if args.pair:
+        other = json.loads(Path(args.pair).read_text())
+        if (other.get("split", "test"), other.get("first_prompt", 0)) != (args.split, args.first) \
+                or len(other["passed"]) < result["n"]:
+            raise SystemExit(f"{args.pair} holds other prompts than this run; cannot pair")
+        result["paired_vs"] = {"path": args.pair,
+                               "delta": paired_delta(result["passed"], other["passed"][:result["n"]])}
+        print(f"  vs {args.pair}: {result['paired_vs']['delta']}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
