@@ -187,7 +187,10 @@ def test_zero_regional_steps_or_the_prompt_itself_over_the_whole_image_is_plain_
     none = latents(pipe, RELATION, layout=Layout((Region("a cat", LEFT),), fraction=0.0)).latents
     assert torch.equal(none, plain)
     whole = latents(pipe, RELATION, layout=Layout((Region(RELATION, (0, 0, 1, 1)),), fraction=1.0)).latents
-    assert torch.allclose(whole, plain, atol=1e-5)
+    # Float rounding only, relative to the latents' scale: this random pipeline's latents reach
+    # |x| ~ 600, and a 3-row batch blocks its GEMMs differently from a 2-row one on some CPUs
+    # (AVX-512/AMX: max difference 3e-4 = 5e-7 of the scale; a wrong composition is O(scale)).
+    assert (whole - plain).abs().max() <= 1e-5 * plain.abs().max()
 
 
 def test_layouts_work_without_guidance_and_with_several_images_per_prompt(pipe):
