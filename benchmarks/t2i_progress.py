@@ -3,8 +3,8 @@ finished pipeline folder: the number to watch while the default model trains.
 
     python benchmarks/t2i_progress.py runs/t2i --n 48            # a run in progress
     python benchmarks/t2i_progress.py src/pixforge/assets/default --n 600 --paraphrased 0.33
-    python benchmarks/t2i_progress.py runs/t2i-ft3 --split validation --first 6000 --n 600 \
-        --pair benchmarks/results/shipped_val6000.json     # pick on validation, paired
+    python benchmarks/t2i_progress.py src/pixforge/assets/default --split validation --n 600 --out base.json
+    python benchmarks/t2i_progress.py runs/t2i-ft3 --split validation --n 600 --pair base.json
 
 Test-split prompts by default (a fraction paraphrased, never seen in training), one image each,
 seed = index, 20 dpm++ steps, CFG --cfg; scored by the shapes checker per category. `--split
