@@ -53,7 +53,6 @@ def load(path: str, max_text_tokens: int, device: str = "cpu", vae_override: str
 def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: int = 16, fid: bool = False,
              layout: str | None = None, split: str = "test", first_prompt: int = 0) -> dict:
     items = evaluation_items(first_prompt, first_prompt + n, split, paraphrased)
-    stats = defaultdict(lambda: [0, 0])
     failures = []
     verdicts = []  # per prompt, in order: two runs on the same prompts and seeds can be paired
     generated = []
@@ -67,15 +66,16 @@ def evaluate(pipe, n: int, paraphrased: float, cfg: float, steps: int, batch: in
                 generated.append(image)
             outcome = check(image, item.caption)
             verdicts.append(int(outcome.passed))
-            stats[item.scene.category][0] += outcome.passed
-            stats[item.scene.category][1] += 1
             if not outcome.passed and len(failures) < 8:
                 failures.append(f"{item.caption!r}: {outcome.reason}")
-    passed, total = sum(v[0] for v in stats.values()), sum(v[1] for v in stats.values())
-    result = {"overall": passed / total, "n": total, "split": split, "first_prompt": first_prompt,
-              "seconds": time.time() - start,
-              "per_category": {k: v[0] / v[1] for k, v in sorted(stats.items())}, "failures": failures,
-              "passed": verdicts, "categories": [item.scene.category for item in items]}
+    categories = [item.scene.category for item in items]
+    by_category = defaultdict(list)  # the per-category rates, from the per-prompt verdicts
+    for category, verdict in zip(categories, verdicts):
+        by_category[category].append(verdict)
+    result = {"overall": sum(verdicts) / len(verdicts), "n": len(verdicts), "split": split,
+              "first_prompt": first_prompt, "seconds": time.time() - start,
+              "per_category": {k: sum(v) / len(v) for k, v in sorted(by_category.items())}, "failures": failures,
+              "passed": verdicts, "categories": categories}
     if fid:  # in-domain FID/KID against the renders of the same test scenes
         from pixforge.eval.metrics import fid as fid_score, kid, load_feature_net
 
