@@ -24,11 +24,8 @@ import torch
 
 from pixforge.eval.bench import checker_passes, evaluation_items, paired_delta
 from pixforge.sampling.pipeline import load_pipeline
-from pixforge.sampling.regions import Layout, Region
+from pixforge.sampling.regions import BAND as B, Layout, Region
 from pixforge.shapes.world import article, parse_caption
-
-B = 0.2  # the bands above and below a row of boxes, as regions.BAND
-
 
 def boxes_for(n, inset):
     g = inset
@@ -39,7 +36,7 @@ def boxes_for(n, inset):
     return [(0.0, 0.0, 0.5 - g, 0.5 - g), (0.5 + g, 0.0, 1.0, 0.5 - g), (0.0, 0.5 + g, 0.5 - g, 1.0), (0.5 + g, 0.5 + g, 1.0, 1.0)]
 
 
-def bg_bands(n, inset):
+def bg_bands(n):
     bands = []
     if n in (2, 3):
         bands += [(0.0, 0.0, 1.0, B), (0.0, 1 - B, 1.0, 1.0)]
@@ -53,7 +50,7 @@ def layout_for(caption, filler, inset, frac=0.6, form="a"):
     fill = (f"{article(spec.background)} {spec.background} background") if spec.background else filler
     one = (f"{article(g.color)} {g.color} {g.shape}" if form == "a" else f"{form} {g.color} {g.shape}") + ctx
     regions = [Region(one, b) for b in boxes_for(g.count, inset)]
-    regions += [Region(fill, b) for b in bg_bands(g.count, inset)]
+    regions += [Region(fill, b) for b in bg_bands(g.count)]
     if inset > 0:  # gaps between boxes: cover them with thin background strips
         if g.count == 2:
             regions.append(Region(fill, (0.5 - inset, B, 0.5 + inset, 1 - B)))
